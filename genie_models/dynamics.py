@@ -1,0 +1,122 @@
+"""The dynamics model: a MaskGIT transformer predicting the next frame's tokens from past tokens and an action.
+
+Training masks future-frame tokens at a rate drawn from U(mask_rate_min, 1) and scores the masked
+positions; sampling fills a fully masked frame in a few confident-first iterations (cosine schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genie_models.metrics import maskgit_mask_schedule
+from genie_models.st_transformer import CacheView, STConfig, STTransformer
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    num_codes: int = 1024  # tokenizer vocabulary
+    tokens_per_frame: int = 256
+    num_actions: int = 8
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 12
+    context_frames: int = 16
+    mask_rate_min: float = 0.5
+    num_maskgit_steps: int = 25
+    temperature: float = 1.0
+
+    @property
+    def mask_id(self) -> int:
+        return self.num_codes
+
+    @property
+    def no_action_id(self) -> int:
+        """The action fed with a world's first frame, which no action led to."""
+        return self.num_actions
+
+    def transformer_config(self) -> STConfig:
+        return STConfig(self.num_layers, self.d_model, self.num_heads, self.context_frames)
+
+
+DYNAMICS_PRESETS = {
+    "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, context_frames=8,
+                           num_maskgit_steps=8),
+    "coinrun": DynamicsConfig(),
+}
+
+
+@dataclass
+class DynamicsLoss:
+    loss: torch.Tensor
+    accuracy: torch.Tensor  # share of masked tokens predicted exactly
+
+
+class DynamicsModel(nn.Module):
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.config = config
+        self.token_embed = nn.Embedding(config.num_codes + 1, config.d_model)  # + the mask token
+        self.action_embed = nn.Embedding(config.num_actions + 1, config.d_model)  # + "no action"
+        self.position = nn.Parameter(torch.randn(config.tokens_per_frame, config.d_model) * 0.02)
+        self.transformer = STTransformer(config.transformer_config())
+        self.head = nn.Linear(config.d_model, config.num_codes)
+
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+        """tokens [B, T, S] (mask_id where unknown), actions [B, T] leading into each frame -> logits [B, T, S, V]."""
+        x = self.token_embed(tokens) + self.position + self.action_embed(actions)[:, :, None, :]
+        return self.head(self.transformer(x, cache=cache))
+
+    def loss(self, tokens: torch.Tensor, actions: torch.Tensor) -> DynamicsLoss:
+        """tokens [B, T, S] of a clip, actions [B, T-1] per transition; frame 1 is always visible."""
+        batch, frames, _ = tokens.shape
+        rate = torch.empty(batch, 1, 1, device=tokens.device).uniform_(self.config.mask_rate_min, 1.0)
+        masked = torch.rand(tokens.shape, device=tokens.device) < rate
+        masked[:, 0] = False
+        inputs = torch.where(masked, self.config.mask_id, tokens)
+        no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
+        logits = self(inputs, torch.cat([no_action, actions], dim=1))
+        loss = F.cross_entropy(logits[masked].float(), tokens[masked])
+        accuracy = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
+        return DynamicsLoss(loss, accuracy)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per position by inverse CDF with caller-supplied noise, so each world's draws
+    depend only on its own seed. logits [B, S, V], temperature [B] (0 = greedy), uniforms [B, S].
+    Returns (ids [B, S], probability of each drawn id [B, S])."""
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None, None]
+    probs = scaled.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniforms * cdf[..., -1])[..., None].contiguous()).squeeze(-1)
+    drawn = drawn.clamp_max(logits.shape[-1] - 1)
+    ids = torch.where(greedy[:, None], probs.argmax(dim=-1), drawn)
+    return ids, probs.gather(-1, ids[..., None]).squeeze(-1)
+
+
+def maskgit_sample(predict: Callable[[torch.Tensor], torch.Tensor], mask_id: int, num_steps: int,
+                   temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Fill one fully masked frame per world by iterative confident-first decoding.
+
+    predict maps the new frame's tokens [B, S] to logits [B, S, V]; uniforms [B, num_steps, S] is the
+    per-world noise. After step i, ceil-free cosine schedule leaves floor(S * cos(pi/2 * (i+1)/n))
+    positions masked: the least confident of the draws.
+    """
+    batch, _, tokens_per_frame = uniforms.shape
+    tokens = torch.full((batch, tokens_per_frame), mask_id, dtype=torch.long, device=uniforms.device)
+    masked = torch.ones_like(tokens, dtype=torch.bool)
+    for step in range(num_steps):
+        ids, probability = sample_tokens(predict(tokens), temperature, uniforms[:, step])
+        confidence = torch.where(masked, probability, math.inf)
+        still_masked = math.floor(tokens_per_frame * maskgit_mask_schedule(step + 1, num_steps))
+        least_confident = confidence.argsort(dim=-1)[:, :still_masked]
+        next_masked = torch.zeros_like(masked).scatter_(1, least_confident, True)
+        tokens = torch.where(masked & ~next_masked, ids, tokens)
+        masked = next_masked
+    return tokens

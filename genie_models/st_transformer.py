@@ -1,0 +1,233 @@
+"""The spatiotemporal (ST) transformer that the tokenizer, latent action model and dynamics share.
+
+Each block is pre-norm spatial attention (within a frame), causal temporal attention (same position,
+earlier frames, rotary positions, sliding window) and an MLP. A slot-based temporal KV cache lets many
+independent sequences (worlds) append frames at the cost of one frame each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# Key positions of empty cache entries: far enough in the past to fall outside every window.
+_EMPTY_POSITION = -(2**40)
+
+
+@dataclass(frozen=True)
+class STConfig:
+    num_layers: int
+    d_model: int
+    num_heads: int
+    context_frames: int  # a frame attends to itself and the previous context_frames - 1 frames
+    mlp_ratio: float = 4.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x [B, T, S, H, E] by angles of the absolute frame positions [B, T].
+
+    Angles are computed in float64 so that worlds stepped for many thousands of frames keep exact
+    relative offsets, which is all attention scores depend on.
+    """
+    half = x.shape[-1] // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    angles = positions.to(torch.float64)[..., None] * freqs  # [B, T, E/2]
+    cos = rearrange(angles.cos().to(x.dtype), "b t e -> b t 1 1 e")
+    sin = rearrange(angles.sin().to(x.dtype), "b t e -> b t 1 1 e")
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def temporal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Boolean mask [B, 1, 1, Tq, Tk]: a query frame sees keys at most window-1 frames in its past."""
+    offset = query_positions[:, :, None] - key_positions[:, None, :]  # [B, Tq, Tk]
+    allowed = (offset >= 0) & (offset < window)
+    return rearrange(allowed, "b q k -> b 1 1 q k")
+
+
+class TemporalKVCache:
+    """Keys/values of the most recent frames of many sequences, one slot per sequence.
+
+    Each slot is a ring buffer of `context_frames - 1` frames per layer. Keys are stored already
+    rotated at their absolute positions, so buffer order is irrelevant and the ring never needs shifting:
+    memory and time per appended frame stay flat however long a world runs.
+    """
+
+    def __init__(self, config: STConfig, num_slots: int, tokens_per_frame: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if config.context_frames < 2:
+            raise ValueError("a KV cache needs context_frames >= 2")
+        self.config = config
+        self.capacity = config.context_frames - 1
+        shape = (config.num_layers, num_slots, tokens_per_frame, config.num_heads,
+                 self.capacity, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.full((num_slots, self.capacity), _EMPTY_POSITION, device=device,
+                                    dtype=torch.int64)
+        self.next_position = torch.zeros(num_slots, device=device, dtype=torch.int64)
+
+    @property
+    def num_slots(self) -> int:
+        return self.positions.shape[0]
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.positions[slots] = _EMPTY_POSITION
+        self.next_position[slots] = 0
+
+    def view(self, slots: torch.Tensor, commit: bool = False) -> "CacheView":
+        return CacheView(self, slots.to(self.positions.device), commit)
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class CacheView:
+    """The cache as seen by one forward pass over a batch of slots.
+
+    Gathered keys are kept per layer, so the many MaskGIT passes of one step read the cache once.
+    With commit=True the pass also writes its new frames into the slots and advances their positions.
+    """
+
+    def __init__(self, cache: TemporalKVCache, slots: torch.Tensor, commit: bool):
+        self.cache, self.slots, self.commit = cache, slots, commit
+        self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.past_positions = cache.positions[slots]  # [B, capacity]
+
+    def query_positions(self, num_new_frames: int) -> torch.Tensor:
+        start = self.cache.next_position[self.slots]
+        return start[:, None] + torch.arange(num_new_frames, device=start.device)  # [B, Tn]
+
+    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._gathered:
+            self._gathered[layer] = (self.cache.keys[layer][self.slots], self.cache.values[layer][self.slots])
+        return self._gathered[layer]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store new frames' keys/values [B, S, H, Tn, E] at their ring index (last `capacity` only)."""
+        keep = min(keys.shape[3], self.cache.capacity)
+        keys, values, positions = keys[:, :, :, -keep:], values[:, :, :, -keep:], positions[:, -keep:]
+        ring = positions % self.cache.capacity  # [B, keep]
+        slots = self.slots[:, None].expand_as(ring)
+        # Advanced indexing over (slot, ring) moves those two dims to the front: [B, keep, S, H, E].
+        self.cache.keys[layer][slots, :, :, ring] = rearrange(keys, "b s h t e -> b t s h e").to(self.cache.keys.dtype)
+        self.cache.values[layer][slots, :, :, ring] = rearrange(values, "b s h t e -> b t s h e").to(self.cache.values.dtype)
+
+    def finish(self, positions: torch.Tensor) -> None:
+        if not self.commit:
+            return
+        keep = min(positions.shape[1], self.cache.capacity)
+        positions = positions[:, -keep:]
+        ring = positions % self.cache.capacity
+        self.cache.positions[self.slots[:, None].expand_as(ring), ring] = positions
+        self.cache.next_position[self.slots] = positions[:, -1] + 1
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, config: STConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, S, D]
+        batch = x.shape[0]
+        # SDPA's fused CPU/GPU kernels want 4-D inputs: fold frames into the batch.
+        q, k, v = rearrange(self.qkv(x), "b t s (three h e) -> three (b t) h s e", three=3, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out(rearrange(out, "(b t) h s e -> b t s (h e)", b=batch))
+
+
+class TemporalAttention(nn.Module):
+    def __init__(self, config: STConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.window, self.layer = config.num_heads, config.context_frames, layer
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+        # x [B, T, S, D]; positions [B, T] absolute frame indices
+        q, k, v = rearrange(self.qkv(x), "b t s (three h e) -> three b t s h e", three=3, h=self.num_heads)
+        q, k = rotary(q, positions), rotary(k, positions)
+        q, k, v = (rearrange(y, "b t s h e -> b s h t e") for y in (q, k, v))
+        if cache is None:
+            out = self._attend_clip(q, k, v, positions)
+        else:
+            out = self._attend_cached(q, k, v, positions, cache)
+            if cache.commit:
+                cache.write(self.layer, k, v, positions)
+        return self.out(rearrange(out, "b s h t e -> b t s (h e)"))
+
+    def _attend_clip(self, q, k, v, positions: torch.Tensor) -> torch.Tensor:
+        batch = q.shape[0]
+        if q.shape[3] <= self.window:  # plain causal on 4-D inputs lets SDPA pick its fused kernels
+            q, k, v = (rearrange(y, "b s h t e -> (b s) h t e") for y in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return rearrange(out, "(b s) h t e -> b s h t e", b=batch)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=temporal_mask(positions, positions, self.window))
+
+    def _attend_cached(self, q, k, v, positions: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """Attend over cached past frames and the new ones without concatenating keys/values:
+        only the small score tensors are joined, which keeps each MaskGIT pass at one frame's cost."""
+        past_keys, past_values = cache.past(self.layer)  # [B, S, H, capacity, E]
+        scale = q.shape[-1] ** -0.5
+        past_scores = torch.einsum("bshte,bshce->bshtc", q, past_keys.to(q.dtype))
+        new_scores = torch.einsum("bshte,bshue->bshtu", q, k)
+        mask = torch.cat([temporal_mask(positions, cache.past_positions, self.window),
+                          temporal_mask(positions, positions, self.window)], dim=-1)
+        scores = torch.cat([past_scores, new_scores], dim=-1) * scale
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        capacity = past_keys.shape[3]
+        return (torch.einsum("bshtc,bshce->bshte", weights[..., :capacity], past_values.to(v.dtype))
+                + torch.einsum("bshtu,bshue->bshte", weights[..., capacity:], v))
+
+
+class STBlock(nn.Module):
+    def __init__(self, config: STConfig, layer: int):
+        super().__init__()
+        hidden = int(config.d_model * config.mlp_ratio)
+        self.spatial_norm = nn.LayerNorm(config.d_model)
+        self.spatial = SpatialAttention(config)
+        self.temporal_norm = nn.LayerNorm(config.d_model)
+        self.temporal = TemporalAttention(config, layer)
+        self.mlp_norm = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+        x = x + self.spatial(self.spatial_norm(x))
+        x = x + self.temporal(self.temporal_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class STTransformer(nn.Module):
+    """A stack of ST blocks over x [B, T, S, D]; with a cache view, x holds only the new frames."""
+
+    def __init__(self, config: STConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(STBlock(config, layer) for layer in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, x: torch.Tensor, cache: CacheView | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        batch, frames = x.shape[:2]
+        if positions is None:
+            positions = (cache.query_positions(frames) if cache is not None
+                         else torch.arange(frames, device=x.device).expand(batch, frames))
+        for block in self.blocks:
+            x = block(x, positions, cache)
+        if cache is not None:
+            cache.finish(positions)
+        return self.norm(x)
+
+    def new_cache(self, num_slots: int, tokens_per_frame: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> TemporalKVCache:
+        return TemporalKVCache(self.config, num_slots, tokens_per_frame, device, dtype)

@@ -1,0 +1,152 @@
+"""Token-level engines that step many sessions (worlds) together against their temporal KV caches.
+
+`DynamicsEngine` samples each session's next frame tokens; `FrameDecoder` turns them into pixels.
+Both keep one cache slot per session, so the in-process World and the model services share this code.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from genie_models.dynamics import DynamicsModel, maskgit_sample
+from genie_models.st_transformer import STTransformer, TemporalKVCache
+from genie_models.tokenizer import VideoTokenizer
+
+
+class UnknownSession(KeyError):
+    """The session has no cache here (never started, ended, or evicted): start it again from history."""
+
+
+class SessionSlots:
+    """A temporal KV cache with one slot per session; the least recently used session is evicted when full."""
+
+    def __init__(self, transformer: STTransformer, tokens_per_frame: int, max_sessions: int,
+                 device: torch.device | str, dtype: torch.dtype, evict_when_full: bool):
+        self.cache = transformer.new_cache(max_sessions, tokens_per_frame, device, dtype)
+        self.evict_when_full = evict_when_full
+        self._slots: OrderedDict[Hashable, int] = OrderedDict()
+        self._free = list(range(max_sessions - 1, -1, -1))
+
+    def open(self, key: Hashable) -> torch.Tensor:
+        if key in self._slots:
+            slot = self._slots.pop(key)
+        elif self._free:
+            slot = self._free.pop()
+        elif self.evict_when_full:
+            _, slot = self._slots.popitem(last=False)
+        else:
+            raise RuntimeError(f"all {self.cache.num_slots} session slots are in use")
+        self._slots[key] = slot
+        slots = torch.tensor([slot], device=self.cache.positions.device)
+        self.cache.reset(slots)
+        return slots
+
+    def slots(self, keys: Sequence[Hashable]) -> torch.Tensor:
+        missing = [key for key in keys if key not in self._slots]
+        if missing:
+            raise UnknownSession(missing)
+        for key in keys:
+            self._slots.move_to_end(key)
+        return torch.tensor([self._slots[key] for key in keys], device=self.cache.positions.device)
+
+    def close(self, key: Hashable) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    session: Hashable
+    action: int
+    seed: int
+    step_index: int  # the frame's index in its world: with the seed it fixes the sampling noise
+    num_steps: int
+    temperature: float
+
+
+def step_noise(seed: int, step_index: int, num_steps: int, tokens_per_frame: int) -> torch.Tensor:
+    """Uniform noise [num_steps, S] for one world's step, a pure function of (seed, step_index), so a
+    world replays identically whatever batch it is in and after its cache is rebuilt."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step_index) % (2**63))
+    return torch.rand(num_steps, tokens_per_frame, generator=generator)
+
+
+class DynamicsEngine:
+    """Samples the next frame's tokens for many sessions at once (one frame of compute per MaskGIT pass)."""
+
+    def __init__(self, model: DynamicsModel, max_sessions: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, evict_when_full: bool = False):
+        self.model, self.device = model, torch.device(device)
+        self.config = model.config
+        self.sessions = SessionSlots(model.transformer, self.config.tokens_per_frame, max_sessions,
+                                     device, dtype, evict_when_full)
+
+    @torch.no_grad()
+    def start(self, session: Hashable, tokens: torch.Tensor, actions: torch.Tensor) -> None:
+        """(Re)build a session's cache from its history: tokens [T, S], actions [T] leading into each frame."""
+        slots = self.sessions.open(session)
+        view = self.sessions.cache.view(slots, commit=True)
+        self.model(tokens[None].to(self.device), actions[None].to(self.device), cache=view)
+
+    @torch.no_grad()
+    def step(self, requests: Sequence[StepRequest]) -> torch.Tensor:
+        """-> next-frame tokens [B, S] in request order. Requests are grouped by MaskGIT step count."""
+        out = torch.empty(len(requests), self.config.tokens_per_frame, dtype=torch.long, device=self.device)
+        by_steps: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_steps.setdefault(request.num_steps, []).append(index)
+        for num_steps, indices in by_steps.items():
+            out[indices] = self._step_group([requests[i] for i in indices], num_steps)
+        return out
+
+    def _step_group(self, requests: Sequence[StepRequest], num_steps: int) -> torch.Tensor:
+        slots = self.sessions.slots([r.session for r in requests])
+        actions = torch.tensor([[r.action] for r in requests], device=self.device)
+        temperature = torch.tensor([r.temperature for r in requests], device=self.device)
+        uniforms = torch.stack([step_noise(r.seed, r.step_index, num_steps, self.config.tokens_per_frame)
+                                for r in requests]).to(self.device)
+        view = self.sessions.cache.view(slots)
+        tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, cache=view)[:, 0],
+                                self.config.mask_id, num_steps, temperature, uniforms)
+        self.model(tokens[:, None], actions, cache=self.sessions.cache.view(slots, commit=True))
+        return tokens
+
+    def end(self, session: Hashable) -> None:
+        self.sessions.close(session)
+
+
+class FrameDecoder:
+    """Decodes each session's newest frame tokens to pixels against the tokenizer decoder's cache."""
+
+    def __init__(self, tokenizer: VideoTokenizer, max_sessions: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, evict_when_full: bool = False):
+        self.tokenizer, self.device = tokenizer, torch.device(device)
+        self.sessions = SessionSlots(tokenizer.decoder, tokenizer.config.tokens_per_frame, max_sessions,
+                                     device, dtype, evict_when_full)
+
+    @torch.no_grad()
+    def start(self, session: Hashable, tokens: torch.Tensor) -> torch.Tensor:
+        """(Re)build a session's cache from its frame tokens [T, h, w]; returns those frames decoded."""
+        slots = self.sessions.open(session)
+        view = self.sessions.cache.view(slots, commit=True)
+        return self.tokenizer.decode_step(tokens[None].to(self.device), view)[0]
+
+    @torch.no_grad()
+    def decode(self, sessions: Sequence[Hashable], tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, h, w] of each session's next frame -> uint8 frames [B, H, W, 3]."""
+        view = self.sessions.cache.view(self.sessions.slots(sessions), commit=True)
+        return self.tokenizer.decode_step(tokens[:, None].to(self.device), view)[:, 0]
+
+    def end(self, session: Hashable) -> None:
+        self.sessions.close(session)

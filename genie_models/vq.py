@@ -1,0 +1,82 @@
+"""Vector quantization with a straight-through estimator, shared by the tokenizer and the LAM.
+
+Codes and inputs are L2-normalized (cosine-similarity lookup), which keeps codebook usage high; codes
+that go unused are re-initialised from recent encoder outputs so the codebook never collapses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQOutput:
+    quantized: torch.Tensor  # [..., code_dim], carries straight-through gradients to the encoder
+    ids: torch.Tensor  # [...] int64
+    loss: torch.Tensor  # codebook + commitment loss (scalar)
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, num_codes: int, code_dim: int, commitment: float = 0.25,
+                 usage_decay: float = 0.98, dead_code_threshold: float = 0.03, restart_every: int = 50):
+        super().__init__()
+        self.num_codes, self.commitment = num_codes, commitment
+        self.usage_decay, self.dead_code_threshold, self.restart_every = usage_decay, dead_code_threshold, restart_every
+        self.codebook = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1))
+        # Running share of assignments per code; a persistent buffer so it survives checkpoints.
+        self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes()[ids]
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(z, dim=-1) @ self.codes().t()).argmax(dim=-1)
+
+    def forward(self, z: torch.Tensor) -> VQOutput:
+        z = F.normalize(z.float(), dim=-1)
+        codes = self.codes()
+        ids = (z @ codes.t()).argmax(dim=-1)
+        quantized = codes[ids]
+        loss = F.mse_loss(quantized, z.detach()) + self.commitment * F.mse_loss(z, quantized.detach())
+        if self.training:
+            self._track_usage(ids, z)
+        return VQOutput(quantized=z + (quantized - z).detach(), ids=ids, loss=loss)
+
+    def usage_fraction(self) -> float:
+        """Share of codes in active use (running usage above the dead-code threshold)."""
+        return float((self.usage > self.dead_code_threshold / self.num_codes).float().mean())
+
+    def perplexity(self) -> float:
+        p = self.usage / self.usage.sum()
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+    @torch.no_grad()
+    def _track_usage(self, ids: torch.Tensor, z: torch.Tensor) -> None:
+        counts = torch.bincount(ids.flatten(), minlength=self.num_codes).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)  # every rank must agree on which codes are dead
+        self.usage.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1 - self.usage_decay)
+        self.calls += 1
+        if int(self.calls) % self.restart_every == 0:
+            self._restart_dead_codes(z.reshape(-1, z.shape[-1]))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, samples: torch.Tensor) -> None:
+        dead = (self.usage < self.dead_code_threshold / self.num_codes).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        picks = torch.randint(0, samples.shape[0], (dead.numel(),), device=samples.device)
+        replacements = samples[picks] + 0.01 * torch.randn_like(samples[picks])
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(replacements, src=0)  # identical parameters on every rank
+        self.codebook.data[dead] = F.normalize(replacements, dim=-1).to(self.codebook.dtype)
+        self.usage[dead] = 1.0 / self.num_codes

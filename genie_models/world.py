@@ -1,0 +1,130 @@
+"""Playable worlds in process: many worlds step together as one batch, each with its own context,
+KV caches, step count and seed; worlds join and leave freely. `World` is the one-world convenience.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
+from genie_models.world_model import WorldModel
+
+
+def prepare_prompt(images: np.ndarray | Image.Image | Sequence[np.ndarray | Image.Image], image_size: int) -> np.ndarray:
+    """Any image(s) of any size (HxWx3 / HxW / RGBA arrays or PIL images) -> uint8 [T, size, size, 3].
+
+    The whole picture is resized (not cropped) so nothing in a sketch or photo is cut away.
+    """
+    if isinstance(images, (np.ndarray, Image.Image)):
+        images = [images] if isinstance(images, Image.Image) or np.asarray(images).ndim <= 3 else list(images)
+    if len(images) == 0:
+        raise ValueError("a prompt needs at least one image")
+    frames = []
+    for image in images:
+        picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        if picture.width == 0 or picture.height == 0:
+            raise ValueError("prompt image is empty (zero width or height)")
+        picture = picture.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        frames.append(np.asarray(picture, dtype=np.uint8))
+    return np.stack(frames)
+
+
+@dataclass
+class WorldState:
+    seed: int
+    num_maskgit_steps: int
+    temperature: float
+    step_count: int = 0  # frames generated so far
+
+
+class WorldPool:
+    """Owns the dynamics and decoder caches for up to `max_worlds` worlds on one device."""
+
+    def __init__(self, model: WorldModel, max_worlds: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.device = model, torch.device(device)
+        self.dynamics = DynamicsEngine(model.dynamics, max_worlds, device, dtype)
+        self.decoder = FrameDecoder(model.tokenizer, max_worlds, device, dtype)
+        self.worlds: dict[int, WorldState] = {}
+        self._ids = itertools.count()
+
+    @property
+    def max_worlds(self) -> int:
+        return self.dynamics.sessions.cache.num_slots
+
+    @torch.no_grad()
+    def create(self, prompt, seed: int = 0, num_maskgit_steps: int | None = None,
+               temperature: float | None = None) -> tuple[int, np.ndarray]:
+        """Start a world from prompt image(s); returns (world id, the prompt's last frame as the model sees it)."""
+        if len(self.worlds) >= self.max_worlds:
+            raise RuntimeError(f"this pool already holds its maximum of {self.max_worlds} worlds")
+        config = self.model.dynamics.config
+        frames = torch.from_numpy(prepare_prompt(prompt, self.model.image_size)).to(self.device)
+        tokens = self.model.tokenizer.encode(frames[None])[0]  # [T, h, w]
+        world_id = next(self._ids)
+        self.dynamics.start(world_id, tokens.flatten(1), self._prompt_actions(frames))
+        decoded = self.decoder.start(world_id, tokens)
+        self.worlds[world_id] = WorldState(seed, num_maskgit_steps or config.num_maskgit_steps,
+                                           config.temperature if temperature is None else temperature)
+        return world_id, decoded[-1].cpu().numpy()
+
+    def _prompt_actions(self, frames: torch.Tensor) -> torch.Tensor:
+        """Actions leading into each prompt frame: none for the first, the LAM's labels for the rest."""
+        first = torch.tensor([self.model.dynamics.config.no_action_id], device=self.device)
+        if frames.shape[0] == 1:
+            return first
+        return torch.cat([first, self.model.lam.infer_actions(frames[None])[0]])
+
+    @torch.no_grad()
+    def step(self, actions: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Advance each named world by its action in one batch -> {world id: uint8 frame [H, W, 3]}."""
+        for world_id, action in actions.items():
+            self._check(world_id, action)
+        ids = list(actions)
+        requests = [StepRequest(world_id, actions[world_id], self.worlds[world_id].seed,
+                                self.worlds[world_id].step_count, self.worlds[world_id].num_maskgit_steps,
+                                self.worlds[world_id].temperature) for world_id in ids]
+        tokens = self.dynamics.step(requests)
+        grid = self.model.tokenizer.config.grid_size
+        frames = self.decoder.decode(ids, tokens.reshape(len(ids), grid, grid)).cpu().numpy()
+        for world_id in ids:
+            self.worlds[world_id].step_count += 1
+        return {world_id: frame for world_id, frame in zip(ids, frames)}
+
+    def _check(self, world_id: int, action: int) -> None:
+        if world_id not in self.worlds:
+            raise KeyError(f"no world with id {world_id}")
+        if not 0 <= action < self.model.num_actions:
+            raise ValueError(f"action {action} is out of range: this world has actions 0..{self.model.num_actions - 1}")
+
+    def close(self, world_id: int) -> None:
+        self.worlds.pop(world_id, None)
+        self.dynamics.end(world_id)
+        self.decoder.end(world_id)
+
+
+class World:
+    """One playable world: `reset(prompt) -> frame`, then `step(action) -> frame`, deterministic per seed."""
+
+    def __init__(self, model: WorldModel, seed: int = 0, num_maskgit_steps: int | None = None,
+                 temperature: float | None = None, device: torch.device | str = "cpu"):
+        self.pool = WorldPool(model, max_worlds=1, device=device)
+        self.seed, self.num_maskgit_steps, self.temperature = seed, num_maskgit_steps, temperature
+        self.world_id: int | None = None
+
+    def reset(self, prompt) -> np.ndarray:
+        if self.world_id is not None:
+            self.pool.close(self.world_id)
+        self.world_id, frame = self.pool.create(prompt, self.seed, self.num_maskgit_steps, self.temperature)
+        return frame
+
+    def step(self, action: int) -> np.ndarray:
+        if self.world_id is None:
+            raise RuntimeError("call reset(prompt) before step(action)")
+        return self.pool.step({self.world_id: action})[self.world_id]

@@ -1,0 +1,93 @@
+"""A trained world: the tokenizer, latent action model and dynamics model, saved and loaded together.
+
+Checkpoints are safetensors groups ("tokenizer", "lam", "dynamics") plus a manifest holding each
+model's config, so a world directory is self-describing and never unpickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from genie_models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from genie_models.dynamics import DYNAMICS_PRESETS, DynamicsConfig, DynamicsModel
+from genie_models.lam import LAM_PRESETS, LAMConfig, LatentActionModel
+from genie_models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VideoTokenizer
+
+WORLD_KIND = "genie-world"
+
+
+def config_from_dict(config_type: type, values: dict[str, Any]):
+    """Rebuild a config dataclass, refusing unknown keys so a mismatched checkpoint fails loudly."""
+    known = {f.name for f in fields(config_type)}
+    unknown = set(values) - known
+    if unknown:
+        raise CheckpointError(f"unknown {config_type.__name__} fields in checkpoint: {sorted(unknown)}")
+    return config_type(**values)
+
+
+def dynamics_config_for(tokenizer: TokenizerConfig, lam: LAMConfig, base: DynamicsConfig) -> DynamicsConfig:
+    """The dynamics model's vocabulary, frame size and action count follow the other two models."""
+    values = asdict(base) | {"num_codes": tokenizer.num_codes, "tokens_per_frame": tokenizer.tokens_per_frame,
+                             "num_actions": lam.num_actions}
+    return DynamicsConfig(**values)
+
+
+@dataclass
+class WorldModel:
+    tokenizer: VideoTokenizer
+    lam: LatentActionModel
+    dynamics: DynamicsModel
+
+    @classmethod
+    def from_preset(cls, name: str) -> "WorldModel":
+        tokenizer_config, lam_config = TOKENIZER_PRESETS[name], LAM_PRESETS[name]
+        dynamics_config = dynamics_config_for(tokenizer_config, lam_config, DYNAMICS_PRESETS[name])
+        return cls(VideoTokenizer(tokenizer_config), LatentActionModel(lam_config), DynamicsModel(dynamics_config))
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+    @property
+    def num_actions(self) -> int:
+        return self.dynamics.config.num_actions
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"tokenizer": self.tokenizer, "lam": self.lam, "dynamics": self.dynamics}
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(module.config) for name, module in self.modules().items()}
+
+    def to(self, device: torch.device | str) -> "WorldModel":
+        for module in self.modules().values():
+            module.to(device)
+        return self
+
+    def eval(self) -> "WorldModel":
+        for module in self.modules().values():
+            module.eval()
+        return self
+
+    def save(self, directory: Path, step: int, metrics: dict[str, float] | None = None) -> None:
+        tensors = {name: {key: value.detach().contiguous() for key, value in module.state_dict().items()}
+                   for name, module in self.modules().items()}
+        save_checkpoint(directory, tensors, self.configs(), step, metrics=metrics, kind=WORLD_KIND)
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> "WorldModel":
+        checkpoint = load_checkpoint(Path(directory), map_location=device)
+        if checkpoint.manifest.kind != WORLD_KIND:
+            raise CheckpointError(f"{directory} holds a {checkpoint.manifest.kind!r} checkpoint, "
+                                  f"not a trained world ({WORLD_KIND!r})")
+        config = checkpoint.manifest.config
+        model = cls(VideoTokenizer(config_from_dict(TokenizerConfig, config["tokenizer"])),
+                    LatentActionModel(config_from_dict(LAMConfig, config["lam"])),
+                    DynamicsModel(config_from_dict(DynamicsConfig, config["dynamics"])))
+        for name, module in model.modules().items():
+            module.load_state_dict(checkpoint.tensors(name))
+        return model.to(device).eval()
