@@ -1,0 +1,1 @@
+"""Model backends: how the gateway reaches the models (in process, or Triton over gRPC)."""

@@ -1,0 +1,76 @@
+"""The model backend contract the gateway codes against; `inprocess` and `triton` both implement it.
+
+All arrays are numpy: uint8 frames [T, H, W, 3] at the model's image size, int tokens [T, h, w].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    num_actions: int
+    image_size: int
+    grid_size: int  # tokens per side of a frame
+    context_frames: int  # frames of history a world's next step depends on
+    default_maskgit_steps: int
+    default_temperature: float
+
+
+@dataclass(frozen=True)
+class WorldStep:
+    world_id: str
+    action: int
+    seed: int
+    step_index: int  # index of the frame being generated: with the seed it fixes the sampling noise
+    num_maskgit_steps: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: np.ndarray  # [h, w]
+    frame: np.ndarray  # uint8 [H, W, 3]
+
+
+class BackendError(RuntimeError):
+    """Base of backend failures the gateway maps to gRPC statuses."""
+
+
+class ModelUnavailable(BackendError):
+    """A model service cannot be reached or is not ready (maps to UNAVAILABLE)."""
+
+
+class WorldsNotCached(BackendError):
+    """The backend lost (or never had) these worlds' caches: restart them from history, then retry."""
+
+    def __init__(self, world_ids: Sequence[str]):
+        super().__init__(f"no cached state for worlds {list(world_ids)}")
+        self.world_ids = list(world_ids)
+
+
+class ModelBackend(Protocol):
+    def models(self) -> list[ModelInfo]: ...
+
+    def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames [T, H, W, 3] -> tokens [T, h, w]."""
+
+    def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames [T, H, W, 3] -> latent action per transition [T-1]."""
+
+    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(Re)build a world's caches from its history (tokens [T, h, w], actions [T] leading into each
+        frame; the first is num_actions, meaning "no action"); returns the history decoded [T, H, W, 3]."""
+
+    def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
+        """Advance several worlds of one model in one batch; raises WorldsNotCached for lost caches."""
+
+    def end_world(self, model: str, world_id: str) -> None: ...
+
+    def close(self) -> None: ...
