@@ -128,3 +128,16 @@ class World:
         if self.world_id is None:
             raise RuntimeError("call reset(prompt) before step(action)")
         return self.pool.step({self.world_id: action})[self.world_id]
+
+
+@torch.no_grad()
+def rollout_actions(model: WorldModel, prompts: np.ndarray, actions: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """Play one world per prompt frame [B, H, W, 3] through actions [B, t], all in one batch;
+    world i uses seed + i. Returns generated frames uint8 [B, t, H, W, 3]."""
+    pool = WorldPool(model, max_worlds=len(prompts), device=next(model.dynamics.parameters()).device)
+    ids = [pool.create(prompt, seed=seed + index)[0] for index, prompt in enumerate(prompts)]
+    frames = []
+    for step in range(actions.shape[1]):
+        out = pool.step({world_id: int(actions[i, step]) for i, world_id in enumerate(ids)})
+        frames.append(np.stack([out[world_id] for world_id in ids]))
+    return np.stack(frames, axis=1)

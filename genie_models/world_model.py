@@ -13,12 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from genie_models.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from genie_models.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from genie_models.dynamics import DYNAMICS_PRESETS, DynamicsConfig, DynamicsModel
 from genie_models.lam import LAM_PRESETS, LAMConfig, LatentActionModel
 from genie_models.tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VideoTokenizer
 
 WORLD_KIND = "genie-world"
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the latest checkpoint of a training run directory."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return path
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint (no manifest.json) nor a run directory with one")
+    return latest
 
 
 def config_from_dict(config_type: type, values: dict[str, Any]):
@@ -80,7 +91,7 @@ class WorldModel:
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | str = "cpu") -> "WorldModel":
-        checkpoint = load_checkpoint(Path(directory), map_location=device)
+        checkpoint = load_checkpoint(resolve_checkpoint(directory), map_location=device)
         if checkpoint.manifest.kind != WORLD_KIND:
             raise CheckpointError(f"{directory} holds a {checkpoint.manifest.kind!r} checkpoint, "
                                   f"not a trained world ({WORLD_KIND!r})")

@@ -1,0 +1,182 @@
+"""The `genie` command: data generation, training each stage, evaluation, rendering, play, and the demo.
+
+Other packages add subcommands through the `genie.cli` entry point group (services add `serve`, `client`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PRESETS = ("tiny", "coinrun")
+
+
+def _add_data(subparsers) -> None:
+    data = subparsers.add_parser("data", help="make training data").add_subparsers(dest="source", required=True)
+    coinrun = data.add_parser("coinrun", help="generate CoinRun episodes with procgen (random policy, hard mode)")
+    coinrun.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    coinrun.add_argument("--episodes", type=int, default=400, help="one level per episode")
+    coinrun.add_argument("--steps", type=int, default=120, help="actions per episode (fewer if the level ends)")
+    coinrun.add_argument("--heldout-fraction", type=float, default=0.1)
+    coinrun.add_argument("--seed", type=int, default=0)
+    coinrun.set_defaults(run=_run_data_coinrun)
+    videos = data.add_parser("videos", help="ingest a folder of ordinary video files (mp4, webm, mkv, ...)")
+    videos.add_argument("src", type=Path, help="folder searched recursively for videos")
+    videos.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    videos.add_argument("--size", type=int, default=64, help="square frame size after center crop + resize")
+    videos.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate")
+    videos.set_defaults(run=_run_data_videos)
+
+
+def _run_data_coinrun(args) -> None:
+    from genie_models.data import generate_coinrun
+    dataset = generate_coinrun(args.out, args.episodes, args.steps, args.heldout_fraction, args.seed)
+    print(f"{len(dataset.episodes)} episodes, {dataset.num_frames} frames in {args.out}")
+
+
+def _run_data_videos(args) -> None:
+    from genie_models.data import ingest_video_folder
+    dataset = ingest_video_folder(args.src, args.out, frame_size=args.size, fps=args.fps)
+    print(f"{len(dataset.episodes)} episodes, {dataset.num_frames} frames in {args.out}")
+
+
+def _add_train(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train one stage").add_subparsers(dest="stage", required=True)
+    for stage, text in (("tokenizer", "stage 1: the video tokenizer"),
+                        ("dynamics", "stage 2: latent actions + dynamics (needs a trained tokenizer)")):
+        parser = train.add_parser(stage, help=text, description=f"{text}. Resumes from RUN's latest checkpoint; "
+                                  "launch with torchrun for DDP on several GPUs.")
+        parser.add_argument("--data", type=Path, required=True, help="dataset directory (genie data ...)")
+        parser.add_argument("--run", type=Path, required=True, help="run directory for checkpoints")
+        parser.add_argument("--preset", choices=PRESETS, default="tiny")
+        parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        if stage == "dynamics":
+            parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer run or checkpoint dir")
+            parser.add_argument("--world-out", type=Path, default=None, help="also export the world here")
+        parser.set_defaults(run=_run_train_tokenizer if stage == "tokenizer" else _run_train_dynamics)
+
+
+def _with_steps(config, steps: int | None):
+    from dataclasses import replace
+    return config if steps is None else replace(config, steps=steps)
+
+
+def _run_train_tokenizer(args) -> None:
+    from genie_models.data import EpisodeDataset
+    from genie_models.tokenizer import TOKENIZER_PRESETS
+    from genie_models.training.tokenizer import TOKENIZER_TRAINING, train_tokenizer
+    run = train_tokenizer(EpisodeDataset.open(args.data), TOKENIZER_PRESETS[args.preset],
+                          _with_steps(TOKENIZER_TRAINING[args.preset], args.steps), args.run, args.device)
+    print(run.metrics)
+
+
+def _run_train_dynamics(args) -> None:
+    from genie_models.data import EpisodeDataset
+    from genie_models.dynamics import DYNAMICS_PRESETS
+    from genie_models.lam import LAM_PRESETS
+    from genie_models.training.dynamics import DYNAMICS_TRAINING, train_dynamics
+    from genie_models.training.tokenizer import load_tokenizer
+    run = train_dynamics(EpisodeDataset.open(args.data), load_tokenizer(args.tokenizer), LAM_PRESETS[args.preset],
+                         DYNAMICS_PRESETS[args.preset], _with_steps(DYNAMICS_TRAINING[args.preset], args.steps),
+                         args.run, args.device)
+    if args.world_out:
+        run.world.save(args.world_out, step=args.steps or DYNAMICS_TRAINING[args.preset].steps, metrics=run.metrics)
+    print(run.metrics)
+
+
+def _add_world_commands(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate a world on held-out clips -> JSON + table")
+    evaluate.add_argument("--world", type=Path, required=True, help="world checkpoint (or its run directory)")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--out", type=Path, default=Path("metrics.json"))
+    evaluate.add_argument("--clips", type=int, default=64)
+    evaluate.set_defaults(run=_run_eval)
+    render = subparsers.add_parser("render", help="render an action grid (GIF/MP4) from prompt images")
+    render.add_argument("--world", type=Path, required=True)
+    render.add_argument("--image", type=Path, nargs="+", required=True, help="prompt image(s), any size")
+    render.add_argument("--steps", type=int, default=12)
+    render.add_argument("--out", type=Path, default=Path("action_grid.gif"), help=".gif or .mp4")
+    render.set_defaults(run=_run_render)
+    play = subparsers.add_parser("play", help="play a world in the terminal: type action numbers, frames are saved")
+    play.add_argument("--world", type=Path, required=True)
+    play.add_argument("--image", type=Path, required=True, help="prompt image, any size")
+    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--out", type=Path, default=Path("play"), help="folder for frame PNGs and play.gif")
+    play.set_defaults(run=_run_play)
+    demo = subparsers.add_parser("demo", help="the main job: data, training, evaluation and pictures")
+    demo.add_argument("--preset", choices=PRESETS, default="tiny")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from genie_models.demo import run_demo
+    run_demo(args.preset, args.out, args.device)
+
+
+def _run_eval(args) -> None:
+    from genie_models.data import EpisodeDataset
+    from genie_models.evaluation import EvalConfig, evaluate_world, write_metrics
+    from genie_models.world_model import WorldModel
+    metrics = evaluate_world(WorldModel.load(args.world), EpisodeDataset.open(args.data), EvalConfig(num_clips=args.clips))
+    print(write_metrics(metrics, args.out))
+
+
+def _load_prompt_images(paths: list[Path], size: int) -> np.ndarray:
+    from genie_models.world import prepare_prompt
+    return np.concatenate([prepare_prompt(Image.open(path), size) for path in paths])
+
+
+def _run_render(args) -> None:
+    from genie_models.render import action_grid_frames, save_gif, save_mp4
+    from genie_models.world_model import WorldModel
+    world = WorldModel.load(args.world)
+    frames = action_grid_frames(world, _load_prompt_images(args.image, world.image_size), args.steps)
+    (save_mp4 if args.out.suffix == ".mp4" else save_gif)(frames, args.out)
+    print(f"wrote {args.out}")
+
+
+def _run_play(args) -> None:
+    from genie_models.render import save_gif
+    from genie_models.world import World
+    from genie_models.world_model import WorldModel
+    model = WorldModel.load(args.world)
+    world = World(model, seed=args.seed)
+    frames = [world.reset(Image.open(args.image))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"actions 0..{model.num_actions - 1}; type one or more per line (e.g. '3 3 1'), empty line to quit")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        for token in line.split():
+            frames.append(world.step(int(token)))
+            Image.fromarray(frames[-1]).save(args.out / f"frame-{len(frames) - 1:05d}.png")
+        print(f"step {len(frames) - 1}", flush=True)
+    save_gif(frames, args.out / "play.gif")
+    print(f"saved {len(frames)} frames to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genie", description="Genie: playable worlds learned from unlabeled video.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_data(subparsers)
+    _add_train(subparsers)
+    _add_world_commands(subparsers)
+    for entry_point in entry_points(group="genie.cli"):
+        entry_point.load()(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: say what is wrong, no traceback
+        sys.exit(f"genie {args.command}: error: {error}")

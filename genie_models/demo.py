@@ -1,0 +1,74 @@
+"""The main job end to end on one machine: CoinRun data, the tokenizer, LAM + dynamics, evaluation,
+and the pictures in `out/demo/`. Every stage resumes from what an interrupted run left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from genie_models.checkpoints import latest_checkpoint
+from genie_models.data import EpisodeDataset, generate_coinrun, iterate_heldout
+from genie_models.dynamics import DYNAMICS_PRESETS
+from genie_models.evaluation import EvalConfig, evaluate_world, write_metrics
+from genie_models.lam import LAM_PRESETS
+from genie_models.render import action_grid_frames, reconstruction_image, save_gif, save_mp4
+from genie_models.tokenizer import TOKENIZER_PRESETS
+from genie_models.training.dynamics import DYNAMICS_TRAINING, train_dynamics
+from genie_models.training.tokenizer import TOKENIZER_TRAINING, train_tokenizer
+from genie_models.world_model import WorldModel
+
+
+@dataclass(frozen=True)
+class DemoData:
+    episodes: int
+    steps_per_episode: int
+
+
+DEMO_DATA = {"tiny": DemoData(episodes=400, steps_per_episode=120),
+             "coinrun": DemoData(episodes=10_000, steps_per_episode=1_000)}
+
+
+def _stage(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+def _dataset(out: Path, spec: DemoData) -> EpisodeDataset:
+    root = out / "data" / "coinrun"
+    if (root / "index.json").exists():
+        return EpisodeDataset.open(root)
+    return generate_coinrun(root, spec.episodes, spec.steps_per_episode, heldout_fraction=0.1, seed=0)
+
+
+def run_demo(preset: str, out: Path, device: str | None = None) -> dict[str, float]:
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    _stage(f"1/5 CoinRun episodes ({DEMO_DATA[preset].episodes} levels, procgen)")
+    dataset = _dataset(out, DEMO_DATA[preset])
+    _stage("2/5 video tokenizer (VQ-VAE)")
+    tokenizer = train_tokenizer(dataset, TOKENIZER_PRESETS[preset], TOKENIZER_TRAINING[preset],
+                                out / "runs" / "tokenizer", device).tokenizer
+    _stage("3/5 latent action model + dynamics, co-trained")
+    world = train_dynamics(dataset, tokenizer, LAM_PRESETS[preset], DYNAMICS_PRESETS[preset],
+                           DYNAMICS_TRAINING[preset], out / "runs" / "world", device).world
+    world.cpu().eval()
+    _stage("4/5 evaluation on held-out levels")
+    metrics = evaluate_world(world, dataset, EvalConfig())
+    step = int(latest_checkpoint(out / "runs" / "world").name.split("-")[-1])
+    world.save(out / "world", step=step, metrics=metrics)
+    print(write_metrics(metrics, out / "metrics.json"))
+    _stage("5/5 pictures")
+    prompts = next(iterate_heldout(dataset, 1, 4, batch_size=4)).frames[:, 0].numpy()
+    grid = action_grid_frames(world, prompts, num_steps=12)
+    save_gif(grid, out / "action_grid.gif")
+    save_mp4(grid, out / "action_grid.mp4")
+    reconstruction_frames = next(iterate_heldout(dataset, 1, 8, batch_size=8)).frames[:, 0].numpy()
+    reconstruction_image(world, np.ascontiguousarray(reconstruction_frames)).save(out / "reconstruction.png")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs in {out}/:")
+    for name in ("action_grid.gif", "action_grid.mp4", "reconstruction.png", "metrics.json", "world/"):
+        print(f"  {out / name}")
+    print(f"Play it: genie play --world {out / 'world'} --image <any.png>")
+    return metrics

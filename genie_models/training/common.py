@@ -1,0 +1,154 @@
+"""What every training stage shares: the run config, AdamW with warmup + cosine, mixed precision,
+DDP under torchrun, progress with throughput, and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from genie_models.checkpoints import (latest_checkpoint, load_checkpoint, load_optimizer_state,
+                                      optimizer_state_to_tensors, prune_checkpoints, save_run_checkpoint)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    clip_length: int
+    learning_rate: float
+    warmup_steps: int
+    final_learning_rate: float = 0.0
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.9)
+    grad_clip: float = 1.0
+    mixed_precision: bool = True  # bf16 autocast where the device supports it (CUDA)
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to final_learning_rate at config.steps."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.final_learning_rate + (config.learning_rate - config.final_learning_rate) * cosine
+
+
+def make_optimizer(modules: list[nn.Module], config: TrainConfig) -> torch.optim.AdamW:
+    # No weight decay on norms, biases, embeddings' position tables and codebooks (1-D or tiny tensors).
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> Distributed:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return Distributed(rank, world_size, torch.device(device))
+
+
+def wrap_for_training(module: nn.Module, env: Distributed) -> nn.Module:
+    module.to(env.device).train()
+    if env.world_size > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return module
+
+
+def autocast(env: Distributed, config: TrainConfig):
+    if config.mixed_precision and env.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, modules: list[nn.Module],
+                   step: int, config: TrainConfig) -> float:
+    """Backward, clip, step at the scheduled learning rate; returns the gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for module in modules for p in module.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    return float(grad_norm)
+
+
+class RunCheckpoints:
+    """Checkpoints of one training run under `root` (step-N folders + a `latest` pointer)."""
+
+    def __init__(self, root: Path, kind: str, keep: int = 2):
+        self.root, self.kind, self.keep = Path(root), kind, keep
+
+    def save(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step: int,
+             config: dict, metrics: dict[str, float]) -> Path:
+        tensors = {name: {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+                   for name, module in modules.items()}
+        optimizer_tensors, optimizer_meta = optimizer_state_to_tensors(optimizer)
+        tensors["optimizer"] = optimizer_tensors
+        path = save_run_checkpoint(self.root, tensors, config, step, metrics=metrics, kind=self.kind,
+                                   extra={"optimizer": optimizer_meta})
+        prune_checkpoints(self.root, keep=self.keep)
+        return path
+
+    def resume(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+        """Load the latest checkpoint into modules and optimizer; returns the step to continue from (0 if none)."""
+        path = latest_checkpoint(self.root)
+        if path is None:
+            return 0
+        checkpoint = load_checkpoint(path, map_location=device)
+        for name, module in modules.items():
+            module.load_state_dict(checkpoint.tensors(name))
+        load_optimizer_state(optimizer, checkpoint.tensors("optimizer"), checkpoint.manifest.extra["optimizer"])
+        return checkpoint.manifest.step
+
+
+class Progress:
+    """A tqdm bar showing the stage's losses and frames/second; silent on non-main ranks."""
+
+    def __init__(self, stage: str, start: int, total: int, frames_per_step: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not enabled,
+                        dynamic_ncols=True, mininterval=1.0)
+        self.frames_per_step, self.started, self.steps = frames_per_step, time.perf_counter(), 0
+
+    def update(self, metrics: dict[str, float]) -> float:
+        self.steps += 1
+        frames_per_second = self.steps * self.frames_per_step / (time.perf_counter() - self.started)
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in metrics.items()}, "frames/s": f"{frames_per_second:.0f}"},
+                             refresh=False)
+        self.bar.update(1)
+        return frames_per_second
+
+    def close(self) -> None:
+        self.bar.close()

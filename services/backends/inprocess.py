@@ -1,0 +1,116 @@
+"""The `inprocess` model backend: torch models in the gateway's own process (the embedded default).
+
+Each model gets a DynamicsEngine and a FrameDecoder with one cache slot per world, behind one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
+from genie_models.world_model import WorldModel
+from services.backends.base import ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
+from services.settings import GatewaySettings
+
+
+def history_horizon(num_layers: int, context_frames: int) -> int:
+    """Frames a cached ST-transformer state depends on: each layer's temporal attention reaches
+    context_frames - 1 frames further back, so rebuilding from this many frames restores it exactly."""
+    return max(context_frames, num_layers * (context_frames - 1))
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    world: WorldModel
+    dynamics: DynamicsEngine
+    decoder: FrameDecoder
+    lock: threading.Lock
+
+
+def _load(name: str, directory: Path, max_worlds: int, device: str) -> LoadedModel:
+    world = WorldModel.load(directory, device=device)
+    dynamics_config, tokenizer_config = world.dynamics.config, world.tokenizer.config
+    horizon = max(history_horizon(dynamics_config.num_layers, dynamics_config.context_frames),
+                  history_horizon(tokenizer_config.decoder_layers, tokenizer_config.context_frames))
+    info = ModelInfo(name=name, num_actions=world.num_actions, image_size=world.image_size,
+                     grid_size=tokenizer_config.grid_size, context_frames=horizon,
+                     default_maskgit_steps=dynamics_config.num_maskgit_steps,
+                     default_temperature=dynamics_config.temperature)
+    # Evicting the least recently used world when full keeps a leaked slot from blocking new worlds;
+    # an evicted world is rebuilt from its history by the gateway (WorldsNotCached).
+    return LoadedModel(info, world,
+                       DynamicsEngine(world.dynamics, max_worlds, device, evict_when_full=True),
+                       FrameDecoder(world.tokenizer, max_worlds, device, evict_when_full=True),
+                       threading.Lock())
+
+
+class InProcessBackend:
+    """Implements services.backends.base.ModelBackend with torch in this process."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.device = torch.device(settings.device)
+        self._models = {name: _load(name, Path(directory), settings.max_worlds, settings.device)
+                        for name, directory in settings.models.items()}
+
+    def models(self) -> list[ModelInfo]:
+        return [loaded.info for loaded in self._models.values()]
+
+    def _get(self, model: str) -> LoadedModel:
+        loaded = self._models.get(model)
+        if loaded is None:
+            raise ModelUnavailable(f"model {model!r} is not loaded; loaded: {', '.join(self._models) or 'none'}")
+        return loaded
+
+    @torch.no_grad()
+    def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
+        loaded = self._get(model)
+        with loaded.lock:
+            pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            return loaded.world.tokenizer.encode(pixels[None])[0].cpu().numpy()
+
+    @torch.no_grad()
+    def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
+        loaded = self._get(model)
+        with loaded.lock:
+            pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            return loaded.world.lam.infer_actions(pixels[None])[0].cpu().numpy()
+
+    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        loaded = self._get(model)
+        token_tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+        action_tensor = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.device)
+        with loaded.lock:
+            loaded.dynamics.start(world_id, token_tensor.flatten(1), action_tensor)
+            return loaded.decoder.start(world_id, token_tensor).cpu().numpy()
+
+    def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
+        loaded = self._get(model)
+        ids = [step.world_id for step in steps]
+        requests = [StepRequest(step.world_id, step.action, step.seed, step.step_index,
+                                step.num_maskgit_steps, step.temperature) for step in steps]
+        grid = loaded.info.grid_size
+        with loaded.lock:
+            # Check both caches before touching either, so a failed batch advances no world.
+            missing = [i for i in ids if i not in loaded.dynamics.sessions or i not in loaded.decoder.sessions]
+            if missing:
+                raise WorldsNotCached(missing)
+            tokens = loaded.dynamics.step(requests).reshape(len(steps), grid, grid)
+            frames = loaded.decoder.decode(ids, tokens).cpu().numpy()
+        tokens_out = tokens.cpu().numpy()
+        return [StepResult(tokens=tokens_out[i], frame=frames[i]) for i in range(len(steps))]
+
+    def end_world(self, model: str, world_id: str) -> None:
+        loaded = self._get(model)
+        with loaded.lock:
+            loaded.dynamics.end(world_id)
+            loaded.decoder.end(world_id)
+
+    def close(self) -> None:
+        self._models.clear()

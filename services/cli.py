@@ -1,0 +1,103 @@
+"""The services' subcommands of the `genie` CLI: `serve gateway|tokenizer|lam|dynamics|stack` and `client play`.
+
+Found by genie_models.cli through the entry point group `genie.cli` (services = "services.cli:register").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+MODEL_SERVICES_HOOK = "services.triton.cli"  # if present: register(serve_subparsers) for the model services
+MODEL_SERVICES = ("tokenizer", "lam", "dynamics")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run one service (settings from GENIE_* environment variables)")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+    gateway = serve_sub.add_parser("gateway", help="the genie.v1 session gateway (GENIE_GATEWAY_*)")
+    gateway.add_argument("--port", type=int, help="gRPC port (overrides GENIE_GATEWAY_PORT)")
+    gateway.add_argument("--metrics-port", type=int, help="Prometheus port (overrides GENIE_GATEWAY_METRICS_PORT)")
+    gateway.add_argument("--backend", help="backend plugin name (overrides GENIE_GATEWAY_BACKEND)")
+    gateway.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                         help="serve the world checkpoint DIR as NAME (repeatable; adds to GENIE_GATEWAY_MODELS)")
+    gateway.set_defaults(run=_serve_gateway)
+    _register_model_services(serve_sub)
+
+    client = subparsers.add_parser("client", help="talk to a running gateway")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    play = client_sub.add_parser("play", help="create a world from an image, play actions, save PNGs and a GIF")
+    play.add_argument("--address", default="127.0.0.1:50051", help="gateway host:port")
+    play.add_argument("--image", type=Path, required=True, help="prompt image (PNG or JPEG, any size)")
+    play.add_argument("--actions", default="0,1,2,3", help="comma-separated latent actions")
+    play.add_argument("--model", default="", help="model name (default: the gateway's first model)")
+    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
+    play.set_defaults(run=_client_play)
+
+
+def _register_model_services(serve_sub: argparse._SubParsersAction) -> None:
+    """`serve tokenizer|lam|dynamics ARGS` forward ARGS to services.triton.serve, imported only when run
+    so `genie --help` stays fast; a services.triton.cli module, once it exists, registers them instead."""
+    if importlib.util.find_spec(MODEL_SERVICES_HOOK) is not None:
+        importlib.import_module(MODEL_SERVICES_HOOK).register(serve_sub)
+        return
+    for kind in MODEL_SERVICES:
+        service = serve_sub.add_parser(kind, add_help=False, help=f"the {kind} Triton model service "
+                                       "(arguments of python -m services.triton)")
+        service.add_argument("service_args", nargs=argparse.REMAINDER)
+        service.set_defaults(run=_serve_model_service)
+
+
+def _serve_model_service(args: argparse.Namespace) -> None:
+    from services.triton.serve import main as serve_model
+
+    serve_model([args.service, *args.service_args])
+
+
+def gateway_settings_from(args: argparse.Namespace):
+    from services.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    overrides = {name: value for name, value in (("port", args.port), ("metrics_port", args.metrics_port),
+                                                 ("backend", args.backend)) if value is not None}
+    if args.model:
+        pairs = [spec.split("=", 1) for spec in args.model]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"--model takes NAME=DIR, got {args.model}")
+        overrides["models"] = settings.models | dict(pairs)
+    return settings.model_copy(update=overrides) if overrides else settings
+
+
+def _serve_gateway(args: argparse.Namespace) -> None:
+    from services.gateway.server import serve
+    from services.logs import configure_logging
+
+    settings = gateway_settings_from(args)
+    configure_logging(settings.log_level)
+    serve(settings)
+
+
+def _client_play(args: argparse.Namespace) -> None:
+    from services.client import connect, play, save_frames
+
+    actions = [int(a) for a in args.actions.split(",") if a.strip()]
+    channel, stub = connect(args.address)
+    with channel:
+        frames = play(stub, args.image, actions, args.model, args.seed)
+    gif = save_frames(frames, args.out)
+    print(json.dumps({"frames": len(frames), "gif": str(gif)}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Stand-alone runner (`python -m services.cli ...`) until the genie CLI dispatches to register()."""
+    parser = argparse.ArgumentParser(prog="genie")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

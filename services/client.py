@@ -1,0 +1,55 @@
+"""A small genie.v1 client: create a world from an image file, step it, save the frames as PNGs and a GIF.
+
+Used by `genie client play`; also a readable example of the API for backend teams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from genie.v1 import world_pb2 as pb
+from genie.v1 import world_pb2_grpc
+
+MAX_MESSAGE_BYTES = 32 * 2**20
+
+
+def connect(address: str) -> tuple[grpc.Channel, world_pb2_grpc.WorldServiceStub]:
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    return channel, world_pb2_grpc.WorldServiceStub(channel)
+
+
+def frame_pixels(frame: pb.Frame) -> np.ndarray:
+    """A raw RGB frame message -> uint8 [H, W, 3]."""
+    return np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.height, frame.width, frame.channels)
+
+
+def play(stub: world_pb2_grpc.WorldServiceStub, image: Path, actions: Sequence[int], model: str = "",
+         seed: int = 0) -> list[np.ndarray]:
+    """Creates a world from an image file and plays the actions over one Play stream -> all frames."""
+    if not model:
+        model = stub.ListModels(pb.ListModelsRequest()).models[0].name
+    created = stub.CreateWorld(pb.CreateWorldRequest(model=model, prompt=pb.PromptImage(encoded=image.read_bytes()),
+                                                     sampling=pb.SamplingParams(seed=seed)))
+    world_id = created.world.world_id
+    try:
+        requests = (pb.PlayRequest(world_id=world_id, action=action) for action in actions)
+        return [frame_pixels(created.frame)] + [frame_pixels(r.frame) for r in stub.Play(requests)]
+    finally:
+        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+
+
+def save_frames(frames: Sequence[np.ndarray], out: Path, frame_ms: int = 100) -> Path:
+    """Writes frame_000.png, ... and play.gif into out; returns the GIF's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = [Image.fromarray(frame) for frame in frames]
+    for index, picture in enumerate(pictures):
+        picture.save(out / f"frame_{index:03d}.png")
+    gif = out / "play.gif"
+    pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0)
+    return gif

@@ -1,0 +1,69 @@
+"""Translation between genie.v1 messages and the gateway's domain objects (no logic of its own).
+
+Frames are encoded here (raw RGB or PNG) because the wire format is an API concern, not the domain's.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from genie.v1 import world_pb2 as pb
+from services.backends.base import ModelInfo
+from services.gateway.errors import InvalidArgument
+from services.gateway.gateway import Frame, SamplingRequest
+from services.gateway.prompts import ImageLimits, decode_encoded, decode_raw
+from services.gateway.worlds import World
+
+
+def prompt_image(prompt: pb.PromptImage, limits: ImageLimits) -> np.ndarray:
+    source = prompt.WhichOneof("source")
+    if source == "encoded":
+        return decode_encoded(prompt.encoded, limits)
+    if source == "raw":
+        return decode_raw(prompt.raw.rgb, prompt.raw.width, prompt.raw.height, limits)
+    raise InvalidArgument("CreateWorld needs a prompt image: set prompt.encoded (PNG/JPEG bytes) or prompt.raw")
+
+
+def sampling_request(sampling: pb.SamplingParams) -> SamplingRequest:
+    temperature = sampling.temperature if sampling.HasField("temperature") else None
+    return SamplingRequest(sampling.seed, sampling.num_maskgit_steps, temperature)
+
+
+def frame_message(pixels: np.ndarray, frame_format: int) -> pb.Frame:
+    height, width, channels = pixels.shape
+    if frame_format == pb.FRAME_FORMAT_PNG:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        frame_format, data = pb.FRAME_FORMAT_RAW_RGB, np.ascontiguousarray(pixels).tobytes()
+    return pb.Frame(format=frame_format, data=data, width=width, height=height, channels=channels)
+
+
+def frame_format(requested: int, default: int) -> int:
+    """The requested format, else the default."""
+    if requested not in pb.FrameFormat.values():
+        raise InvalidArgument(f"unknown frame format {requested}; use FRAME_FORMAT_RAW_RGB or FRAME_FORMAT_PNG")
+    return requested or default
+
+
+def world_message(world: World) -> pb.World:
+    sampling = pb.SamplingParams(num_maskgit_steps=world.sampling.num_maskgit_steps,
+                                 temperature=world.sampling.temperature, seed=world.sampling.seed)
+    return pb.World(world_id=world.world_id, model=world.model, sampling=sampling,
+                    output_format=world.output_format or pb.FRAME_FORMAT_RAW_RGB, step=world.step_count,
+                    idle_seconds=world.idle_seconds())
+
+
+def model_message(info: ModelInfo) -> pb.Model:
+    return pb.Model(name=info.name, num_actions=info.num_actions, image_size=info.image_size,
+                    default_num_maskgit_steps=info.default_maskgit_steps,
+                    default_temperature=info.default_temperature, context_frames=info.context_frames)
+
+
+def step_response(frame: Frame, world: World, requested_format: int) -> pb.StepWorldResponse:
+    return pb.StepWorldResponse(world_id=frame.world_id, step=frame.step,
+                                frame=frame_message(frame.pixels, frame_format(requested_format, world.output_format)))

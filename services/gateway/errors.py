@@ -1,0 +1,28 @@
+"""Domain errors of the gateway; server.py maps each to one gRPC status code, in one place.
+
+Messages are written for the person calling the API: they say what was wrong and what is allowed.
+"""
+
+
+class GatewayError(Exception):
+    """Base of errors a caller caused or can act on."""
+
+
+class InvalidArgument(GatewayError):
+    pass
+
+
+class NotFound(GatewayError):
+    pass
+
+
+class ResourceExhausted(GatewayError):
+    pass
+
+
+class DeadlineExceeded(GatewayError):
+    pass
+
+
+class Unavailable(GatewayError):
+    pass

@@ -1,0 +1,55 @@
+"""Prometheus metrics shared by the services: each service owns a registry and serves it on its metrics port.
+
+Names use base units (`_seconds`, `_total`); a private registry per service keeps tests and embedded use clean.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class GatewayMetrics:
+    """The session gateway's metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.active_worlds = Gauge("genie_active_worlds", "Open worlds on this gateway", registry=self.registry)
+        self.steps = Counter("genie_steps", "World steps completed", ["model"], registry=self.registry)
+        self.step_latency = Histogram("genie_step_latency_seconds", "Time from a step's arrival to its frame",
+                                      ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.rpc_errors = Counter("genie_rpc_errors", "RPCs that ended with a non-OK status",
+                                  ["method", "code"], registry=self.registry)
+        self.batch_size = Histogram("genie_batch_size", "Worlds stepped per backend call",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+
+    def track_active_worlds(self, count: Callable[[], int]) -> None:
+        self.active_worlds.set_function(count)
+
+
+@dataclass
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serves /metrics over HTTP on a daemon thread (port 0 picks a free port)."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)

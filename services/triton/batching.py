@@ -1,0 +1,63 @@
+"""Helpers shared by the Triton model services: spreading a dynamic batch's requests into rows and back.
+
+Triton hands a batched model several requests at once; each may carry one or more rows (its batch dim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.proxy.types import Request
+
+UNBATCHED = ModelConfig(batching=False)
+
+InferFunc = Callable[[list[Request]], list[dict[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One Triton model of a service: its name, callable and tensor signature."""
+
+    name: str
+    infer: InferFunc
+    inputs: Sequence[Tensor]
+    outputs: Sequence[Tensor]
+    config: ModelConfig
+
+
+def gather_rows(requests: Sequence[Request], names: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Concatenate each named input over the requests -> (inputs [N, ...], row count of each request)."""
+    counts = [len(request[names[0]]) for request in requests]
+    return {name: np.concatenate([request[name] for request in requests]) for name in names}, counts
+
+
+def split_rows(outputs: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """The inverse of gather_rows: one output dict per request, in request order."""
+    bounds = np.cumsum(counts)[:-1]
+    pieces = {name: np.split(array, bounds) for name, array in outputs.items()}
+    return [{name: pieces[name][index] for name in outputs} for index in range(len(counts))]
+
+
+def world_ids(column: np.ndarray) -> list[str]:
+    """A BYTES column [N, 1] of world ids -> str ids."""
+    return [bytes(value).decode("utf-8") for value in column.reshape(-1)]
+
+
+def repeated_rows(ids: Sequence[str]) -> set[int]:
+    """Rows whose world already appeared earlier in the batch: stepping a cache twice at once would corrupt it."""
+    seen: set[str] = set()
+    duplicates = set()
+    for index, world_id in enumerate(ids):
+        if world_id in seen:
+            duplicates.add(index)
+        seen.add(world_id)
+    return duplicates
+
+
+def batched_config(max_batch_size: int, max_queue_delay_us: int) -> ModelConfig:
+    """Dynamic batching: concurrent sessions' requests that arrive within the delay run as one batch."""
+    return ModelConfig(batching=True, max_batch_size=max_batch_size,
+                       batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))

@@ -1,0 +1,92 @@
+"""A thin client for one Triton model service: numpy in, numpy out, Triton errors mapped to backend errors.
+
+Used by `services/backends/triton.py`; imports no torch, so the gateway process stays free of model code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, wait
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from services.backends.base import BackendError, ModelUnavailable
+
+# gRPC statuses meaning "the service is down, restarting, overloaded or not loaded": try again later.
+UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND",
+                        "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED", None}
+# PyTriton reports a model function's PyTritonBadParameterError as INTERNAL with this text inside.
+BAD_PARAMETER = re.compile(r"PyTritonBadParameterError: (.*)")
+
+
+def to_inputs(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        datatype = "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype)
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def ids_column(world_id: str, rows: bool) -> np.ndarray:
+    """A world id as a BYTES tensor: [1] for unbatched models, [1, 1] (one row) for batched ones."""
+    column = np.array([world_id.encode("utf-8")], dtype=object)
+    return column[None] if rows else column
+
+
+class ServiceClient:
+    """One Triton service (tokenizer, lam or dynamics) of one world model."""
+
+    def __init__(self, url: str, what: str, max_message_bytes: int, timeout_s: float):
+        self.url, self.what, self.timeout_s = url, what, timeout_s
+        limits = [("grpc.max_send_message_length", max_message_bytes),
+                  ("grpc.max_receive_message_length", max_message_bytes)]
+        self.client = grpcclient.InferenceServerClient(url, channel_args=limits)
+
+    def _error(self, error: InferenceServerException) -> Exception:
+        message = error.message() or str(error)
+        if error.status() in UNAVAILABLE_STATUSES:
+            return ModelUnavailable(f"{self.what} at {self.url} is unavailable: {message}")
+        bad = BAD_PARAMETER.search(message)
+        if bad:
+            return ValueError(f"{self.what} refused the request: {bad.group(1)}")
+        return BackendError(f"{self.what} at {self.url} failed: {message}")
+
+    def infer(self, model_name: str, arrays: Mapping[str, np.ndarray]) -> grpcclient.InferResult:
+        try:
+            return self.client.infer(model_name, to_inputs(arrays), client_timeout=self.timeout_s)
+        except InferenceServerException as error:
+            raise self._error(error) from error
+
+    def infer_many(self, model_name: str, requests: Sequence[Mapping[str, np.ndarray]]) -> list[grpcclient.InferResult]:
+        """Send all requests at once (so Triton's dynamic batcher can batch them) and wait for every answer."""
+        futures: list[Future] = []
+        for arrays in requests:
+            future: Future = Future()
+            futures.append(future)
+            self.client.async_infer(model_name, to_inputs(arrays), callback=self._settle(future),
+                                    client_timeout=self.timeout_s)
+        # The client deadline settles every future; the margin only guards against a lost callback.
+        _, pending = wait(futures, timeout=self.timeout_s + 5)
+        if pending:
+            raise ModelUnavailable(f"{self.what} at {self.url} did not answer within {self.timeout_s} s")
+        errors = [future.exception() for future in futures if future.exception() is not None]
+        if errors:
+            raise self._error(errors[0]) from errors[0]
+        return [future.result() for future in futures]
+
+    @staticmethod
+    def _settle(future: Future):
+        def callback(result: grpcclient.InferResult | None, error: InferenceServerException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        return callback
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,98 @@
+"""The tokenizer service's Triton models: encode frames to tokens, and decode each world's newest frame.
+
+Decoding is stateful (a temporal KV cache per world, LRU-bounded), so `tokenizer_start` (re)builds a
+world's cache and the dynamically batched `tokenizer_decode` decodes many worlds' frames in one pass.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from pytriton.exceptions import PyTritonBadParameterError
+from pytriton.model_config import ModelConfig, Tensor
+from pytriton.proxy.types import Request
+
+from genie_models.stepping import FrameDecoder
+from genie_models.tokenizer import VideoTokenizer
+from services.triton import protocol
+from services.triton.batching import UNBATCHED, Binding, gather_rows, repeated_rows, split_rows, world_ids
+from services.triton.protocol import Status
+
+
+class TokenizerService:
+    def __init__(self, tokenizer: VideoTokenizer, max_worlds: int, device: torch.device | str):
+        self.tokenizer, self.device = tokenizer, torch.device(device)
+        self.config = tokenizer.config
+        self.decoder = FrameDecoder(tokenizer, max_worlds, device, evict_when_full=True)
+        # start/decode/end run on separate PyTriton threads but share the decoder's cache slots.
+        self.lock = threading.Lock()
+
+    def _check_tokens(self, tokens: np.ndarray) -> None:
+        if tokens.size and not (0 <= tokens.min() and tokens.max() < self.config.num_codes):
+            raise PyTritonBadParameterError(f"token ids must lie in 0..{self.config.num_codes - 1}")
+
+    def encode(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for request in requests:
+            frames = torch.from_numpy(request["frames"]).to(self.device)  # uint8 [T, H, W, 3]
+            tokens = self.tokenizer.encode(frames[None])[0]
+            results.append({"tokens": tokens.cpu().numpy().astype(np.int64)})
+        return results
+
+    def start(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for request in requests:
+            [world_id] = world_ids(request["world_id"])
+            self._check_tokens(request["tokens"])
+            tokens = torch.from_numpy(request["tokens"].astype(np.int64))  # [T, h, w]
+            with self.lock:
+                frames = self.decoder.start(world_id, tokens)
+            results.append({"frames": frames.cpu().numpy()})
+        return results
+
+    def decode(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        """A dynamic batch of worlds' next-frame tokens -> frames, with a status per row."""
+        inputs, counts = gather_rows(requests, ["world_id", "tokens"])
+        ids, tokens = world_ids(inputs["world_id"]), inputs["tokens"].astype(np.int64)  # [N, h, w]
+        status = np.full((len(ids), 1), Status.OK, dtype=np.int8)
+        frames = np.zeros((len(ids), self.config.image_size, self.config.image_size, 3), dtype=np.uint8)
+        in_range = (tokens >= 0).all(axis=(1, 2)) & (tokens < self.config.num_codes).all(axis=(1, 2))
+        repeated = repeated_rows(ids)
+        with self.lock:
+            for row, world_id in enumerate(ids):
+                if not in_range[row] or row in repeated:
+                    status[row] = Status.INVALID
+                elif world_id not in self.decoder.sessions:
+                    status[row] = Status.NOT_CACHED
+            rows = np.flatnonzero(status[:, 0] == Status.OK)
+            if len(rows):
+                decoded = self.decoder.decode([ids[row] for row in rows], torch.from_numpy(tokens[rows]))
+                frames[rows] = decoded.cpu().numpy()
+        return split_rows({"frames": frames, "status": status}, counts)
+
+    def end(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for request in requests:
+            [world_id] = world_ids(request["world_id"])
+            with self.lock:
+                self.decoder.end(world_id)
+            results.append({"status": np.array([Status.OK], dtype=np.int8)})
+        return results
+
+    def bindings(self, batcher: ModelConfig) -> list[Binding]:
+        size, grid = self.config.image_size, self.config.grid_size
+        world_id = Tensor(name="world_id", dtype=bytes, shape=(1,))
+        status = Tensor(name="status", dtype=np.int8, shape=(1,))
+        frames = Tensor(name="frames", dtype=np.uint8, shape=(-1, size, size, 3))
+        clip_tokens = Tensor(name="tokens", dtype=np.int64, shape=(-1, grid, grid))
+        return [
+            Binding(protocol.TOKENIZER_ENCODE, self.encode, [frames], [clip_tokens], UNBATCHED),
+            Binding(protocol.TOKENIZER_START, self.start, [world_id, clip_tokens], [frames], UNBATCHED),
+            Binding(protocol.TOKENIZER_DECODE, self.decode,
+                    [world_id, Tensor(name="tokens", dtype=np.int64, shape=(grid, grid))],
+                    [Tensor(name="frames", dtype=np.uint8, shape=(size, size, 3)), status], batcher),
+            Binding(protocol.TOKENIZER_END, self.end, [world_id], [status], UNBATCHED),
+        ]
+

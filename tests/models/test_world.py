@@ -1,0 +1,110 @@
+"""Playable worlds: any prompt size, determinism per seed, batched worlds joining and leaving, and flat
+memory/time over thousands of steps; plus the world checkpoint round trip and tamper refusal."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from genie_models.checkpoints import CheckpointError
+from genie_models.dynamics import DynamicsModel
+from genie_models.lam import LatentActionModel
+from genie_models.tokenizer import VideoTokenizer
+from genie_models.world import World, WorldPool, prepare_prompt
+from genie_models.world_model import WorldModel, dynamics_config_for
+
+
+@pytest.fixture
+def world_model(tokenizer_config, lam_config, dynamics_config) -> WorldModel:
+    dynamics = dynamics_config_for(tokenizer_config, lam_config, dynamics_config)
+    return WorldModel(VideoTokenizer(tokenizer_config), LatentActionModel(lam_config), DynamicsModel(dynamics)).eval()
+
+
+def _image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_prompts_of_any_size_are_resized_to_the_model():
+    assert prepare_prompt(_image(300, 200), 16).shape == (1, 16, 16, 3)
+    assert prepare_prompt(_image(1, 1), 16).shape == (1, 16, 16, 3)
+    assert prepare_prompt([_image(10, 30), _image(40, 40)], 16).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="empty"):
+        prepare_prompt(np.zeros((0, 5, 3), dtype=np.uint8), 16)
+
+
+def test_world_steps_return_frames_and_are_deterministic_per_seed(world_model):
+    def play(seed):
+        world = World(world_model, seed=seed)
+        first = world.reset(_image(50, 70))
+        return [first] + [world.step(action) for action in (0, 1, 2, 3, 1)]
+
+    a, b, c = play(5), play(5), play(6)
+    assert a[1].shape == (16, 16, 3) and a[1].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a[1:], c[1:]))
+
+
+def test_out_of_range_action_is_refused(world_model):
+    world = World(world_model)
+    world.reset(_image(16, 16))
+    with pytest.raises(ValueError, match="out of range"):
+        world.step(world_model.num_actions)
+
+
+def test_worlds_join_and_leave_a_batch_without_changing_each_other(world_model):
+    solo = World(world_model, seed=1)
+    solo.reset(_image(16, 16, seed=1))
+    expected = [solo.step(a) for a in (1, 2, 3)]
+    pool = WorldPool(world_model, max_worlds=3)
+    other, _ = pool.create(_image(16, 16, seed=2), seed=9)
+    mine, _ = pool.create(_image(16, 16, seed=1), seed=1)
+    got = [pool.step({mine: 1, other: 0})[mine]]
+    pool.close(other)
+    late, _ = pool.create(_image(16, 16, seed=3), seed=4)
+    got.append(pool.step({mine: 2, late: 3})[mine])
+    got.append(pool.step({mine: 3})[mine])
+    for frame, reference in zip(got, expected):
+        # Batched matmuls may round differently; frames must agree to within a grey level on average.
+        assert np.abs(frame.astype(int) - reference.astype(int)).mean() < 1.0
+
+
+def test_pool_refuses_worlds_beyond_capacity(world_model):
+    pool = WorldPool(world_model, max_worlds=1)
+    pool.create(_image(16, 16))
+    with pytest.raises(RuntimeError, match="maximum"):
+        pool.create(_image(16, 16))
+
+
+def test_thousands_of_steps_keep_memory_and_step_time_flat(world_model):
+    world = World(world_model, seed=0, num_maskgit_steps=1)
+    world.reset(_image(16, 16))
+    cache = world.pool.dynamics.sessions.cache
+    size = cache.nbytes() + world.pool.decoder.sessions.cache.nbytes()
+
+    def timed(count):
+        start = time.perf_counter()
+        for step in range(count):
+            world.step(step % world_model.num_actions)
+        return (time.perf_counter() - start) / count
+
+    early = timed(200)
+    for _ in range(4):
+        timed(500)
+    late = timed(200)
+    assert int(cache.next_position[0]) == 2401
+    assert cache.nbytes() + world.pool.decoder.sessions.cache.nbytes() == size
+    assert late < early * 1.5, f"step time grew from {early * 1e3:.2f} ms to {late * 1e3:.2f} ms"
+
+
+def test_world_checkpoint_round_trip_and_tamper_refusal(world_model, tmp_path):
+    world_model.save(tmp_path / "world", step=3)
+    loaded = WorldModel.load(tmp_path / "world")
+    frames = torch.randint(0, 256, (1, 2, 16, 16, 3), dtype=torch.uint8)
+    assert torch.equal(loaded.tokenizer.encode(frames), world_model.tokenizer.encode(frames))
+    path = tmp_path / "world" / "dynamics.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="dynamics.safetensors"):
+        WorldModel.load(tmp_path / "world")

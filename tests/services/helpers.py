@@ -1,0 +1,56 @@
+"""Small client-side helpers of the serving tests: prompt images and frame decoding.
+
+Kept apart from conftest.py so tests import them by name.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from genie.v1 import world_pb2 as pb
+
+MODEL_NAME = "tiny-test"
+MAX_WORLDS = 24  # the test gateways' limit
+MAX_MESSAGE_BYTES = 32 * 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def open_channel(port: int) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def picture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def encoded(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def png_prompt(width: int = 40, height: int = 30, seed: int = 0) -> pb.PromptImage:
+    return pb.PromptImage(encoded=encoded(picture(width, height, seed), "PNG"))
+
+
+def create_request(seed: int = 0, prompt: pb.PromptImage | None = None, model: str = MODEL_NAME,
+                   output_format: int = pb.FRAME_FORMAT_UNSPECIFIED) -> pb.CreateWorldRequest:
+    return pb.CreateWorldRequest(model=model, prompt=prompt or png_prompt(), sampling=pb.SamplingParams(seed=seed),
+                                 output_format=output_format)
+
+
+def pixels_of(frame: pb.Frame) -> np.ndarray:
+    if frame.format == pb.FRAME_FORMAT_PNG:
+        return np.asarray(Image.open(io.BytesIO(frame.data)).convert("RGB"))
+    return np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.height, frame.width, frame.channels)

@@ -1,0 +1,62 @@
+"""The gateway as its deployments run it: one command in its own process, stopped by SIGTERM.
+
+Also drives `client play`, which writes the frames and a GIF.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from tests.services.helpers import MODEL_NAME, encoded, free_port, open_channel, picture
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_serving(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with open_channel(port) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+
+def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_checkpoint, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    env = os.environ | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_METRICS_PORT": str(metrics_port)}
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "gateway", "--port", str(port),
+                               "--model", f"{MODEL_NAME}={world_checkpoint}"], env=env, stderr=subprocess.PIPE)
+    try:
+        _wait_serving(port)
+        image = tmp_path / "prompt.jpg"
+        image.write_bytes(encoded(picture(120, 90), "JPEG"))
+        result = subprocess.run([sys.executable, "-m", "services.cli", "client", "play", "--address",
+                                 f"127.0.0.1:{port}", "--image", str(image), "--actions", "0,1,2",
+                                 "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["frames"] == 4
+        assert Image.open(tmp_path / "out" / "play.gif").n_frames == 4
+        assert Image.open(tmp_path / "out" / "frame_003.png").size == (32, 32)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    logs = [json.loads(line) for line in server.stderr.read().decode().splitlines() if line.startswith("{")]
+    assert {"gateway serving", "gateway stopped"} <= {entry["message"] for entry in logs}
