@@ -23,12 +23,14 @@ class VQOutput:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, code_dim: int, commitment: float = 0.25,
-                 usage_decay: float = 0.98, dead_code_threshold: float = 0.03, restart_every: int = 50):
+                 dead_code_threshold: float = 0.03, restart_every: int = 20):
         super().__init__()
         self.num_codes, self.commitment = num_codes, commitment
-        self.usage_decay, self.dead_code_threshold, self.restart_every = usage_decay, dead_code_threshold, restart_every
+        self.dead_code_threshold, self.restart_every = dead_code_threshold, restart_every
         self.codebook = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1))
-        # Running share of assignments per code; a persistent buffer so it survives checkpoints.
+        # Assignments counted over the current window of `restart_every` training calls, and each code's
+        # share in the last complete window (what usage reports). Buffers, so checkpoints keep them.
+        self.register_buffer("window_counts", torch.zeros(num_codes))
         self.register_buffer("usage", torch.full((num_codes,), 1.0 / num_codes))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
@@ -39,7 +41,7 @@ class VectorQuantizer(nn.Module):
         return self.codes()[ids]
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(z, dim=-1) @ self.codes().t()).argmax(dim=-1)
+        return (F.normalize(z.float(), dim=-1) @ self.codes().t()).argmax(dim=-1)
 
     def forward(self, z: torch.Tensor) -> VQOutput:
         z = F.normalize(z.float(), dim=-1)
@@ -52,8 +54,8 @@ class VectorQuantizer(nn.Module):
         return VQOutput(quantized=z + (quantized - z).detach(), ids=ids, loss=loss)
 
     def usage_fraction(self) -> float:
-        """Share of codes in active use (running usage above the dead-code threshold)."""
-        return float((self.usage > self.dead_code_threshold / self.num_codes).float().mean())
+        """Share of codes that were not dead in the last window."""
+        return float((self.usage >= self.dead_code_threshold / self.num_codes).float().mean())
 
     def perplexity(self) -> float:
         p = self.usage / self.usage.sum()
@@ -61,16 +63,20 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track_usage(self, ids: torch.Tensor, z: torch.Tensor) -> None:
-        counts = torch.bincount(ids.flatten(), minlength=self.num_codes).float()
+        self.window_counts += torch.bincount(ids.flatten(), minlength=self.num_codes).float()
+        self.calls += 1
+        if int(self.calls) % self.restart_every != 0:
+            return
+        counts = self.window_counts.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)  # every rank must agree on which codes are dead
-        self.usage.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1 - self.usage_decay)
-        self.calls += 1
-        if int(self.calls) % self.restart_every == 0:
-            self._restart_dead_codes(z.reshape(-1, z.shape[-1]))
+        self.usage.copy_(counts / counts.sum())
+        self.window_counts.zero_()
+        self._restart_dead_codes(z.reshape(-1, z.shape[-1]))
 
     @torch.no_grad()
     def _restart_dead_codes(self, samples: torch.Tensor) -> None:
+        """Move codes that (almost) nobody chose onto recent encoder outputs, where the data is."""
         dead = (self.usage < self.dead_code_threshold / self.num_codes).nonzero().flatten()
         if dead.numel() == 0:
             return
@@ -79,4 +85,3 @@ class VectorQuantizer(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(replacements, src=0)  # identical parameters on every rank
         self.codebook.data[dead] = F.normalize(replacements, dim=-1).to(self.codebook.dtype)
-        self.usage[dead] = 1.0 / self.num_codes

@@ -72,7 +72,7 @@ def train_dynamics(dataset: EpisodeDataset, tokenizer: VideoTokenizer, lam_confi
             tokens = tokenizer.encode(frames).flatten(2)  # [B, T, S]
             out = model(frames, tokens)
         optimizer_step(out["loss"], optimizer, [pair], step, config)
-        metrics = {name: float(value) for name, value in out.items()} | {"actions_used": lam.vq.usage_fraction()}
+        metrics = {name: value.item() for name, value in out.items()} | {"actions_used": lam.vq.usage_fraction()}
         metrics["frames_per_second"] = bar.update(metrics)
         if env.is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             checkpoints.save(named, optimizer, step + 1, world.configs() | {"training": asdict(config)}, metrics)

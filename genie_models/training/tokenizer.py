@@ -50,7 +50,7 @@ def train_tokenizer(dataset: EpisodeDataset, model_config: TokenizerConfig, conf
         with autocast(env, config):
             out = model(frames)
         optimizer_step(out.loss, optimizer, [tokenizer], step, config)
-        metrics = {"loss": float(out.loss),
+        metrics = {"loss": out.loss.item(),
                    "psnr": float(psnr(out.reconstruction.detach().float().clamp(0, 1), to_unit_range(frames)).mean()),
                    "codes_used": tokenizer.vq.usage_fraction()}
         metrics["frames_per_second"] = bar.update(metrics)

@@ -54,6 +54,8 @@ class ServiceClient:
         bad = BAD_PARAMETER.search(message)
         if bad:
             return ValueError(f"{self.what} refused the request: {bad.group(1)}")
+        if error.status() == "StatusCode.INVALID_ARGUMENT":  # Triton's own checks: shapes, dtypes
+            return ValueError(f"{self.what} refused the request: {message}")
         return BackendError(f"{self.what} at {self.url} failed: {message}")
 
     def infer(self, model_name: str, arrays: Mapping[str, np.ndarray]) -> grpcclient.InferResult:

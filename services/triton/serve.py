@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
+import sysconfig
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,6 +94,15 @@ def triton_config(settings: ServiceSettings) -> TritonConfig:
                         exit_timeout_secs=10)
 
 
+def use_own_libpython() -> None:
+    """Put this interpreter's libpython first for the Triton Python-backend stub, which PyTriton starts with
+    a copy of our environment; a system libpython of another patch release breaks it (ENVIRONMENT.md)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    paths = os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+    if libdir and paths[0] != libdir:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, *paths]))
+
+
 def serve(kind: str, settings: ServiceSettings) -> None:
     """Load the world, bind its Triton models and serve until SIGTERM/SIGINT (then stop gracefully)."""
     if not protocol.MODEL_NAME_PATTERN.match(settings.model_name):
@@ -104,6 +115,7 @@ def serve(kind: str, settings: ServiceSettings) -> None:
         shutil.rmtree(parent)
         raise ValueError(f"workspace {parent} is too long for the Unix sockets PyTriton makes in it; "
                          f"pass a --workspace-root of at most {MAX_WORKSPACE_CHARS - 25} characters")
+    use_own_libpython()
     # Triton.serve() stops the server cleanly on KeyboardInterrupt; make SIGTERM (Kubernetes, tests) do the same.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

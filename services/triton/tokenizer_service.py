@@ -30,7 +30,9 @@ class TokenizerService:
         self.lock = threading.Lock()
 
     def _check_tokens(self, tokens: np.ndarray) -> None:
-        if tokens.size and not (0 <= tokens.min() and tokens.max() < self.config.num_codes):
+        if len(tokens) == 0:
+            raise PyTritonBadParameterError("a world's history needs at least one frame of tokens")
+        if not (0 <= tokens.min() and tokens.max() < self.config.num_codes):
             raise PyTritonBadParameterError(f"token ids must lie in 0..{self.config.num_codes - 1}")
 
     def encode(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:

@@ -6,13 +6,10 @@ One stack (three PyTriton processes on loopback) serves the whole module; the re
 from __future__ import annotations
 
 import re
-import threading
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from services.backends.base import ModelUnavailable, WorldsNotCached, WorldStep
 from services.backends.triton import TritonBackend
@@ -155,6 +152,18 @@ def test_backend_step_replays_identically_after_a_rebuild(stack, backend):
     np.testing.assert_array_equal(outcomes[0].frame, outcomes[1].frame)
 
 
+def test_backend_refuses_an_out_of_range_action_and_forgets_the_batch(stack, backend):
+    tokens = backend.encode(MODEL_NAME, frames(1, seed=6))
+    for world_id in ("fine", "wrong"):
+        backend.start_world(MODEL_NAME, world_id, tokens, np.array([NUM_ACTIONS]))
+    steps = [WorldStep("fine", 1, 0, 1, 4, 1.0), WorldStep("wrong", NUM_ACTIONS + 3, 0, 1, 4, 1.0)]
+    with pytest.raises(ValueError, match="refused the steps of worlds \\['wrong'\\]"):
+        backend.step_worlds(MODEL_NAME, steps)
+    # "fine" may have advanced in the dynamics service alone: it must be rebuilt, not played on.
+    with pytest.raises(WorldsNotCached):
+        backend.step_worlds(MODEL_NAME, steps[:1])
+
+
 def test_backend_refuses_a_miswired_endpoint(stack):
     overrides = stack.overrides()
     endpoints = overrides["triton_endpoints"][MODEL_NAME]
@@ -172,7 +181,8 @@ def test_two_dynamics_services_run_side_by_side(stack, world_checkpoint, tmp_pat
         second.wait_ready()
         answers = []
         for url in (stack.services["dynamics"].url, second.url):
-            result = ServiceClient(url, "dynamics", 2**25, 30.0).infer(protocol.INFO, {"query": np.array([b""], dtype=object)})
+            query = {"query": np.array([b""], dtype=object)}
+            result = ServiceClient(url, "dynamics", 2**25, 30.0).infer(protocol.INFO, query)
             answers.append(protocol.info_from_json(result.as_numpy("info")[0])[0].name)
         assert answers == [MODEL_NAME, "second-world"]
     finally:

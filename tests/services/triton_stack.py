@@ -49,13 +49,16 @@ def service_environment() -> dict[str, str]:
 class TritonService:
     """One `python -m services.triton KIND` process; keeps its ports across restarts so clients reconnect."""
 
-    def __init__(self, kind: str, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int):
+    def __init__(self, kind: str, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int,
+                 workspace_root: Path | None = None):
         self.kind, self.log_path = kind, log_dir / f"{kind}.log"
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.command = [sys.executable, "-m", "services.triton", kind, "--checkpoint", str(checkpoint),
                         "--model-name", model_name, "--address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                         "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
                         "--max-worlds", str(max_worlds), "--max-queue-delay-us", "20000"]
+        if workspace_root is not None:
+            self.command += ["--workspace-root", str(workspace_root)]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -118,10 +121,10 @@ class TritonService:
 class TritonStack:
     """The tokenizer, lam and dynamics services of one world model, started together."""
 
-    def __init__(self, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int = 16):
+    def __init__(self, checkpoint: Path, model_name: str, log_dir: Path, workspace_root: Path, max_worlds: int = 16):
         self.model_name = model_name
-        self.services = {kind: TritonService(kind, Path(checkpoint), model_name, Path(log_dir), max_worlds)
-                         for kind in protocol.SERVICE_KINDS}
+        self.services = {kind: TritonService(kind, Path(checkpoint), model_name, Path(log_dir), max_worlds,
+                                             workspace_root) for kind in protocol.SERVICE_KINDS}
 
     def start(self) -> "TritonStack":
         for service in self.services.values():  # start all first: they load in parallel
@@ -152,8 +155,10 @@ class TritonStack:
 
 @contextlib.contextmanager
 def running_stack(checkpoint: Path, model_name: str, max_worlds: int = 16) -> Iterator[TritonStack]:
-    with tempfile.TemporaryDirectory(prefix="genie-triton-test-") as log_dir:
-        stack = TritonStack(checkpoint, model_name, Path(log_dir), max_worlds).start()
+    # Workspaces get their own short root (Unix socket paths are short), removed even after a SIGKILL.
+    with tempfile.TemporaryDirectory(prefix="genie-triton-test-") as log_dir, \
+            tempfile.TemporaryDirectory(prefix="genie-ws-") as workspace_root:
+        stack = TritonStack(checkpoint, model_name, Path(log_dir), Path(workspace_root), max_worlds).start()
         try:
             yield stack
         finally:

@@ -1,0 +1,159 @@
+"""Benchmark the models: training frames/s per stage, and world stepping frames/s with and without the
+KV cache and for batches of 1, 8 and 32 worlds. CPU: `--preset tiny`; GPU: `--preset coinrun --device cuda`.
+
+    python bench/bench_models.py --preset tiny [--device cpu] [--out bench/results/models-tiny-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genie_models.training.dynamics import DYNAMICS_TRAINING, CoTrained
+from genie_models.training.tokenizer import TOKENIZER_TRAINING
+from genie_models.world import WorldPool
+from genie_models.world_model import WorldModel
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds per call after warmup."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def bench_training(world: WorldModel, preset: str, device: torch.device, repeats: int) -> dict[str, float]:
+    size = world.image_size
+    results = {}
+    tokenizer_config = TOKENIZER_TRAINING[preset]
+    frames = torch.randint(0, 256, (tokenizer_config.batch_size, tokenizer_config.clip_length, size, size, 3),
+                           dtype=torch.uint8, device=device)
+    tokenizer = world.tokenizer.train()
+    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-5)
+
+    def tokenizer_step():
+        with _autocast(device):
+            loss = tokenizer(frames).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds = _timed(tokenizer_step, device, 2, repeats)
+    results["train_tokenizer_frames_per_s"] = frames.shape[0] * frames.shape[1] / seconds
+    dynamics_config = DYNAMICS_TRAINING[preset]
+    clips = torch.randint(0, 256, (dynamics_config.batch_size, dynamics_config.clip_length, size, size, 3),
+                          dtype=torch.uint8, device=device)
+    pair = CoTrained(world.lam, world.dynamics).train()
+    optimizer = torch.optim.AdamW(pair.parameters(), lr=1e-5)
+    world.tokenizer.eval()
+
+    def dynamics_step():
+        with _autocast(device):
+            tokens = world.tokenizer.encode(clips).flatten(2)
+            loss = pair(clips, tokens)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds = _timed(dynamics_step, device, 2, repeats)
+    results["train_lam_dynamics_frames_per_s"] = clips.shape[0] * clips.shape[1] / seconds
+    return results
+
+
+def _filled_pool(world: WorldModel, count: int, device: torch.device, dtype: torch.dtype) -> tuple[WorldPool, list[int]]:
+    pool = WorldPool(world, max_worlds=count, device=device, dtype=dtype)
+    prompt = np.random.default_rng(0).integers(0, 256, (world.image_size, world.image_size, 3), dtype=np.uint8)
+    ids = [pool.create(prompt, seed=index)[0] for index in range(count)]
+    context = world.dynamics.config.context_frames
+    for _ in range(context):  # fill the window so every step attends over a full context
+        pool.step({world_id: 0 for world_id in ids})
+    return pool, ids
+
+
+@torch.no_grad()
+def recompute_step(world: WorldModel, tokens: torch.Tensor, actions: torch.Tensor, action: int) -> torch.Tensor:
+    """One world step WITHOUT a KV cache: every MaskGIT pass and the decode rerun the whole context window.
+    tokens [1, T, S], actions [1, T] -> the window with the new frame appended (the baseline to beat)."""
+    config = world.dynamics.config
+    steps = config.num_maskgit_steps
+    new_action = torch.tensor([[action]], device=tokens.device)
+    history_actions = torch.cat([actions, new_action], dim=1)
+    mask = torch.full((1, 1, tokens.shape[2]), config.mask_id, device=tokens.device)
+    frame = mask
+    for step in range(steps):  # greedy confident-first fill: same FLOPs as the sampled path
+        logits = world.dynamics(torch.cat([tokens, frame], dim=1), history_actions)[:, -1]
+        frame = torch.where(frame == config.mask_id, logits.argmax(-1)[:, None], frame)
+    window = torch.cat([tokens, frame], dim=1)[:, -config.context_frames:]
+    grid = world.tokenizer.config.grid_size
+    world.tokenizer.decode(window.reshape(1, window.shape[1], grid, grid))
+    return window
+
+
+def bench_stepping(world: WorldModel, device: torch.device, dtype: torch.dtype, repeats: int,
+                   batch_sizes: list[int]) -> dict[str, float]:
+    world.eval()
+    results = {}
+    for count in batch_sizes:
+        pool, ids = _filled_pool(world, count, device, dtype)
+        seconds = _timed(lambda: pool.step({world_id: 1 for world_id in ids}), device, 1, repeats)
+        results[f"step_{count}_worlds_frames_per_s"] = count / seconds
+    config = world.dynamics.config
+    tokens = torch.randint(0, config.num_codes, (1, config.context_frames - 1, config.tokens_per_frame), device=device)
+    actions = torch.zeros(1, config.context_frames - 1, dtype=torch.long, device=device)
+    with _autocast(device):
+        seconds = _timed(lambda: recompute_step(world, tokens, actions, 1), device, 1, repeats)
+    results["step_1_world_no_cache_frames_per_s"] = 1 / seconds
+    results["kv_cache_speedup"] = results["step_1_worlds_frames_per_s"] / results["step_1_world_no_cache_frames_per_s"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "coinrun"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", default="1,8,32", help="world batch sizes to step")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    world = WorldModel.from_preset(args.preset).to(device)
+    results = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads()}
+    if not args.skip_training:
+        results |= bench_training(world, args.preset, device, args.repeats)
+    cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with _autocast(device):
+        results |= bench_stepping(world, device, cache_dtype, args.repeats, [int(b) for b in args.batches.split(",")])
+    for name, value in results.items():
+        print(f"{name:<40} {value:>12.2f}" if isinstance(value, float) else f"{name:<40} {value:>12}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
