@@ -18,7 +18,7 @@ from services.triton import protocol
 from services.triton.client import ServiceClient, ids_column
 from services.triton.protocol import Status
 from tests.services.helpers import MODEL_NAME
-from triton_stack import TritonService, running_stack
+from tests.services.triton_stack import TritonService, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
