@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= tiny
 PYTEST_ARGS ?=
+WORLD ?= out/demo/world
 
-.PHONY: help venv system-deps demo test test-fast bench serve lock clean
+.PHONY: help venv demo test test-fast bench serve lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,13 +21,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)  ## create .venv with the pinned dependencies
 
-system-deps:  ## install the system packages the integration tests need (Redis) when missing
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-
 demo: venv  ## the main job: CoinRun data, train tiny models, evaluate, write out/demo/
 	$(BIN)/genie demo --preset $(PRESET) --out out/demo
 
-test: venv system-deps  ## the whole test suite (starts its own Redis, S3 and Triton servers)
+test: venv  ## the whole test suite (starts its own Triton servers on loopback ports)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: venv  ## unit tests only (no servers, no training)
@@ -34,6 +32,9 @@ test-fast: venv  ## unit tests only (no servers, no training)
 
 bench: venv  ## CPU benchmarks of training and world stepping (see README)
 	$(BIN)/python bench/bench_models.py --preset $(PRESET)
+
+serve: venv  ## serve WORLD (default out/demo/world): Triton services + gateway on :50051 (genie serve stack --help)
+	$(BIN)/genie serve stack --world $(WORLD)
 
 lock:  ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/pip install --quiet -r requirements.in

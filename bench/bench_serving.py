@@ -1,5 +1,10 @@
 """Serving benchmark: step latency p50/p99 and aggregate frames/s for 1, 8, 32 concurrent sessions
-against a real gateway process over gRPC (`--backend inprocess|triton`). Prints a table, writes JSON."""
+against a real gateway process over gRPC (`--backend inprocess|triton`). Prints a table, writes JSON.
+
+    python bench/bench_serving.py --backends inprocess,triton --preset tiny   # both, and their ratios
+
+The triton backend starts the three model services (services.triton.stack) beside the gateway.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +24,10 @@ import numpy as np
 
 from genie.v1 import world_pb2 as pb
 from services.client import connect
+from services.triton.stack import ServiceOptions, ServiceStack, free_port
 
 MODEL_NAME = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+BACKENDS = ("inprocess", "triton")
 
 
 def checkpoint_for(preset: str, out: Path) -> Path:
@@ -40,13 +40,20 @@ def checkpoint_for(preset: str, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def backend_settings(backend: str, checkpoint: Path) -> Iterator[dict[str, str]]:
+def backend_settings(backend: str, checkpoint: Path, max_worlds: int,
+                     max_queue_delay_us: int) -> Iterator[dict[str, str]]:
     """GENIE_GATEWAY_* variables that point the gateway at the backend; the triton backend starts its
-    model services here (wire it to tests/services/triton_stack.triton_stack)."""
+    model services here, each with its log and workspace in a temporary directory."""
     if backend == "inprocess":
         yield {"GENIE_GATEWAY_BACKEND": "inprocess", "GENIE_GATEWAY_MODELS": json.dumps({MODEL_NAME: str(checkpoint)})}
         return
-    raise SystemExit(f"backend {backend!r} is not wired into this benchmark yet")
+    # A short workspace root: PyTriton puts Unix sockets in it.
+    with tempfile.TemporaryDirectory(prefix="genie-bench-") as logs, \
+            tempfile.TemporaryDirectory(prefix="gb-") as workspace_root:
+        options = ServiceOptions(max_worlds=max_worlds, max_queue_delay_us=max_queue_delay_us,
+                                 workspace_root=Path(workspace_root))
+        with ServiceStack(checkpoint, MODEL_NAME, options, log_dir=Path(logs)) as stack:
+            yield stack.gateway_environment()
 
 
 @contextlib.contextmanager
@@ -106,29 +113,66 @@ def measure(address: str, sessions: int, steps: int, num_actions: int) -> dict[s
             "p99_ms": float(np.percentile(latencies, 99) * 1000), "frames_per_s": sessions * steps / elapsed}
 
 
+def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int,
+                max_queue_delay_us: int) -> list[dict[str, float]]:
+    with backend_settings(backend, checkpoint, max(levels), max_queue_delay_us) as env, \
+            running_gateway(env, max(levels)) as address:
+        channel, stub = connect(address)
+        with channel:
+            num_actions = stub.ListModels(pb.ListModelsRequest()).models[0].num_actions
+        measure(address, 1, 3, num_actions)  # warm-up
+        return [measure(address, n, steps, num_actions) for n in levels]
+
+
+def print_rows(backend: str, rows: list[dict[str, float]]) -> None:
+    print(f"{backend}:")
+    print(f"{'sessions':>8} {'p50 ms':>8} {'p99 ms':>8} {'frames/s':>9}")
+    for row in rows:
+        print(f"{row['sessions']:>8} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['frames_per_s']:>9.1f}")
+    print(f"throughput {rows[-1]['sessions']} vs {rows[0]['sessions']} sessions: "
+          f"{rows[-1]['frames_per_s'] / rows[0]['frames_per_s']:.2f}x")
+
+
+def print_ratios(results: dict[str, list[dict[str, float]]], numerator: str, denominator: str) -> None:
+    print(f"{numerator}/{denominator}:")
+    print(f"{'sessions':>8} {'p50':>8} {'frames/s':>9}")
+    for top, bottom in zip(results[numerator], results[denominator]):
+        print(f"{top['sessions']:>8} {top['p50_ms'] / bottom['p50_ms']:>8.2f} "
+              f"{top['frames_per_s'] / bottom['frames_per_s']:>9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="inprocess", choices=["inprocess", "triton"])
+    parser.add_argument("--backend", default="inprocess", choices=BACKENDS)
+    parser.add_argument("--backends", help="comma-separated backends to run one after another (overrides "
+                        "--backend); with two, also prints the second/first ratios")
     parser.add_argument("--preset", default="tiny", help="random-init preset when no --checkpoint is given")
     parser.add_argument("--checkpoint", type=Path, help="a saved world directory")
     parser.add_argument("--sessions", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20, help="steps per session")
-    parser.add_argument("--out", type=Path, default=Path("out/bench/serving.json"))
+    parser.add_argument("--max-queue-delay-us", type=int, default=500, help="the Triton services' batching delay")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"),
+                        help="writes serving-PRESET-BACKEND.json here")
     args = parser.parse_args()
+    backends = args.backends.split(",") if args.backends else [args.backend]
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     levels = [int(n) for n in args.sessions.split(",")]
+    results = {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or checkpoint_for(args.preset, Path(scratch))
-        with backend_settings(args.backend, checkpoint) as env, running_gateway(env, max(levels)) as address:
-            channel, stub = connect(address)
-            with channel:
-                num_actions = stub.ListModels(pb.ListModelsRequest()).models[0].num_actions
-            measure(address, 1, 3, num_actions)  # warm-up
-            rows = [measure(address, n, args.steps, num_actions) for n in levels]
-    print(f"{'sessions':>8} {'p50 ms':>8} {'p99 ms':>8} {'frames/s':>9}")
-    for row in rows:
-        print(f"{row['sessions']:>8} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['frames_per_s']:>9.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"backend": args.backend, "preset": args.preset, "rows": rows}, indent=2))
+        for backend in backends:
+            results[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = args.checkpoint.name if args.checkpoint else args.preset
+    for backend, rows in results.items():
+        print_rows(backend, rows)
+        settings = {"steps": args.steps, "max_queue_delay_us": args.max_queue_delay_us, "cpus": os.cpu_count()}
+        (args.out_dir / f"serving-{name}-{backend}.json").write_text(json.dumps(
+            {"backend": backend, "preset": args.preset, "checkpoint": str(args.checkpoint or ""),
+             "settings": settings, "rows": rows}, indent=2))
+    if len(backends) == 2:
+        print_ratios(results, backends[1], backends[0])
 
 
 if __name__ == "__main__":

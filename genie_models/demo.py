@@ -54,7 +54,7 @@ def run_demo(preset: str, out: Path, device: str | None = None) -> dict[str, flo
     _stage("3/5 latent action model + dynamics, co-trained")
     world = train_dynamics(dataset, tokenizer, LAM_PRESETS[preset], DYNAMICS_PRESETS[preset],
                            DYNAMICS_TRAINING[preset], out / "runs" / "world", device).world
-    world.cpu().eval()
+    world.to("cpu").eval()
     _stage("4/5 evaluation on held-out levels")
     metrics = evaluate_world(world, dataset, EvalConfig())
     step = int(latest_checkpoint(out / "runs" / "world").name.split("-")[-1])

@@ -1,7 +1,7 @@
 """The dynamics model: a MaskGIT transformer predicting the next frame's tokens from past tokens and an action.
 
-Training masks future-frame tokens at a rate drawn from U(mask_rate_min, 1) and scores the masked
-positions; sampling fills a fully masked frame in a few confident-first iterations (cosine schedule).
+Training keeps a random prefix of frames visible and masks the rest at a rate drawn from U(mask_rate_min, 1),
+scoring the masked positions; sampling fills a fully masked frame in confident-first passes (cosine schedule).
 """
 
 from __future__ import annotations
@@ -73,11 +73,14 @@ class DynamicsModel(nn.Module):
         return self.head(self.transformer(x, cache=cache))
 
     def loss(self, tokens: torch.Tensor, actions: torch.Tensor) -> DynamicsLoss:
-        """tokens [B, T, S] of a clip, actions [B, T-1] per transition; frame 1 is always visible."""
+        """tokens [B, T, S] of a clip, actions [B, T-1] per transition -> loss on the masked tokens."""
         batch, frames, _ = tokens.shape
         rate = torch.empty(batch, 1, 1, device=tokens.device).uniform_(self.config.mask_rate_min, 1.0)
-        masked = torch.rand(tokens.shape, device=tokens.device) < rate
-        masked[:, 0] = False
+        # Frames before a random first target stay fully visible, as the context is at play time; the
+        # target and later frames are masked at rate U(mask_rate_min, 1). Frame 1 is never a target.
+        first_target = torch.randint(1, frames, (batch, 1, 1), device=tokens.device)
+        frame_index = torch.arange(frames, device=tokens.device)[None, :, None]
+        masked = (torch.rand(tokens.shape, device=tokens.device) < rate) & (frame_index >= first_target)
         inputs = torch.where(masked, self.config.mask_id, tokens)
         no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
         logits = self(inputs, torch.cat([no_action, actions], dim=1))

@@ -30,6 +30,7 @@ class LAMConfig:
     num_actions: int = 8
     latent_dim: int = 32
     context_frames: int = 16
+    action_entropy_weight: float = 0.1  # keeps all actions in use early on (see VectorQuantizer)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -65,7 +66,7 @@ class LatentActionModel(nn.Module):
         self.encoder = STTransformer(config.encoder_config())
         # The whole frame's features feed the action, so it can say *where* things changed.
         self.to_action = nn.Linear(config.tokens_per_frame * config.d_model, config.latent_dim)
-        self.vq = VectorQuantizer(config.num_actions, config.latent_dim)
+        self.vq = VectorQuantizer(config.num_actions, config.latent_dim, entropy_weight=config.action_entropy_weight)
         self.decoder_patch_embed = nn.Linear(patch_dim, config.d_model)
         self.decoder_position = nn.Parameter(torch.randn(config.tokens_per_frame, config.d_model) * 0.02)
         self.action_embed = nn.Linear(config.latent_dim, config.d_model)

@@ -30,6 +30,12 @@ class STConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def receptive_frames(self) -> int:
+        """Frames the newest frame's output (and the cached state) depend on: each layer's temporal
+        attention reaches context_frames - 1 frames further back."""
+        return max(self.context_frames, self.num_layers * (self.context_frames - 1))
+
 
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs of x [B, T, S, H, E] by angles of the absolute frame positions [B, T].

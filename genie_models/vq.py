@@ -23,9 +23,11 @@ class VQOutput:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, code_dim: int, commitment: float = 0.25,
-                 dead_code_threshold: float = 0.03, restart_every: int = 20):
+                 dead_code_threshold: float = 0.03, restart_every: int = 20, entropy_weight: float = 0.0,
+                 entropy_temperature: float = 0.1):
         super().__init__()
         self.num_codes, self.commitment = num_codes, commitment
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.dead_code_threshold, self.restart_every = dead_code_threshold, restart_every
         self.codebook = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1))
         # Assignments counted over the current window of `restart_every` training calls, and each code's
@@ -46,12 +48,23 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> VQOutput:
         z = F.normalize(z.float(), dim=-1)
         codes = self.codes()
-        ids = (z @ codes.t()).argmax(dim=-1)
+        similarity = z @ codes.t()
+        ids = similarity.argmax(dim=-1)
         quantized = codes[ids]
         loss = F.mse_loss(quantized, z.detach()) + self.commitment * F.mse_loss(z, quantized.detach())
+        if self.training and self.entropy_weight > 0:
+            loss = loss + self.entropy_weight * self._entropy_penalty(similarity)
         if self.training:
             self._track_usage(ids, z)
         return VQOutput(quantized=z + (quantized - z).detach(), ids=ids, loss=loss)
+
+    def _entropy_penalty(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Confident per-input assignments but a spread over the batch: keeps a tiny codebook (the LAM's
+        actions) from collapsing onto one code while the decoder is still learning to use it."""
+        p = (similarity / self.entropy_temperature).softmax(dim=-1).reshape(-1, self.num_codes)
+        per_input = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+        mean = p.mean(0)
+        return per_input + (mean * mean.clamp_min(1e-9).log()).sum()
 
     def usage_fraction(self) -> float:
         """Share of codes that were not dead in the last window."""

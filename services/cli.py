@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="serve the world checkpoint DIR as NAME (repeatable; adds to GENIE_GATEWAY_MODELS)")
     gateway.set_defaults(run=_serve_gateway)
     _register_model_services(serve_sub)
+    _register_stack(serve_sub)
 
     client = subparsers.add_parser("client", help="talk to a running gateway")
     client_sub = client.add_subparsers(dest="client_command", required=True)
@@ -55,6 +56,42 @@ def _serve_model_service(args: argparse.Namespace) -> None:
     from services.triton.serve import main as serve_model
 
     serve_model([args.service, *args.service_args])
+
+
+def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
+    stack = serve_sub.add_parser(
+        "stack", help="one world behind a gateway: the three Triton model services plus the gateway (backend triton)",
+        description="Starts the tokenizer, lam and dynamics Triton services of one world, then the gateway pointed "
+        "at them; SIGTERM or SIGINT stops all of them. Default ports: gateway gRPC 50051 and metrics 9090; "
+        "services from --service-base-port B=8000, each http/grpc/metrics: dynamics B..B+2 (grpc 8001), "
+        "tokenizer B+10..B+12 (grpc 8011), lam B+20..B+22 (grpc 8021). Other gateway settings: GENIE_GATEWAY_*.")
+    stack.add_argument("--world", type=Path, required=True, help="trained world checkpoint directory")
+    stack.add_argument("--model-name", default="world", help="the world's model name in the gateway")
+    stack.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
+    stack.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port (0: a free one)")
+    stack.add_argument("--service-base-port", type=int, default=8000,
+                       help="first port of the services' fixed layout (0: free loopback ports for each)")
+    stack.add_argument("--service-address", default="127.0.0.1", help="interface the model services bind")
+    stack.add_argument("--max-worlds", type=int, default=256, help="world caches kept per model service")
+    stack.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a step waits to share a batch")
+    stack.add_argument("--device", default="cpu", help="torch device of the model services (cpu, cuda, cuda:1)")
+    stack.set_defaults(run=_serve_stack)
+
+
+def _serve_stack(args: argparse.Namespace) -> None:
+    from services.logs import configure_logging
+    from services.triton.stack import ServiceOptions, ServiceStack, run_stack, stack_ports
+
+    if not args.world.is_dir():  # fail before three services each fail to load it
+        raise FileNotFoundError(f"no world checkpoint directory at {args.world}")
+    configure_logging("INFO")
+    options = ServiceOptions(address=args.service_address, max_worlds=args.max_worlds,
+                             max_queue_delay_us=args.max_queue_delay_us, device=args.device)
+    stack = ServiceStack(args.world, args.model_name, options, stack_ports(args.service_base_port))
+    gateway_args = ["--backend", "triton", "--port", str(args.port), "--metrics-port", str(args.metrics_port)]
+    code = run_stack(stack, gateway_args)
+    if code:
+        raise SystemExit(code)
 
 
 def gateway_settings_from(args: argparse.Namespace):

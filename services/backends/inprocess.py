@@ -19,10 +19,13 @@ from services.backends.base import ModelInfo, ModelUnavailable, StepResult, Worl
 from services.settings import GatewaySettings
 
 
-def history_horizon(num_layers: int, context_frames: int) -> int:
-    """Frames a cached ST-transformer state depends on: each layer's temporal attention reaches
-    context_frames - 1 frames further back, so rebuilding from this many frames restores it exactly."""
-    return max(context_frames, num_layers * (context_frames - 1))
+def model_info(world: WorldModel, name: str) -> ModelInfo:
+    """What a backend reports about a loaded world; `context_frames` is the history the gateway must
+    keep to rebuild a world's caches exactly (the models' receptive field in frames)."""
+    dynamics, tokenizer = world.dynamics.config, world.tokenizer.config
+    return ModelInfo(name=name, num_actions=world.num_actions, image_size=world.image_size,
+                     grid_size=tokenizer.grid_size, context_frames=world.history_frames(),
+                     default_maskgit_steps=dynamics.num_maskgit_steps, default_temperature=dynamics.temperature)
 
 
 @dataclass
@@ -36,13 +39,7 @@ class LoadedModel:
 
 def _load(name: str, directory: Path, max_worlds: int, device: str) -> LoadedModel:
     world = WorldModel.load(directory, device=device)
-    dynamics_config, tokenizer_config = world.dynamics.config, world.tokenizer.config
-    horizon = max(history_horizon(dynamics_config.num_layers, dynamics_config.context_frames),
-                  history_horizon(tokenizer_config.decoder_layers, tokenizer_config.context_frames))
-    info = ModelInfo(name=name, num_actions=world.num_actions, image_size=world.image_size,
-                     grid_size=tokenizer_config.grid_size, context_frames=horizon,
-                     default_maskgit_steps=dynamics_config.num_maskgit_steps,
-                     default_temperature=dynamics_config.temperature)
+    info = model_info(world, name)
     # Evicting the least recently used world when full keeps a leaked slot from blocking new worlds;
     # an evicted world is rebuilt from its history by the gateway (WorldsNotCached).
     return LoadedModel(info, world,

@@ -24,7 +24,7 @@ from pytriton.triton import Triton, TritonConfig
 
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo
-from services.backends.inprocess import history_horizon
+from services.backends.inprocess import model_info
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
 
@@ -47,16 +47,6 @@ class ServiceSettings:
     max_batch_size: int = 64
     max_queue_delay_us: int = 500  # how long a step waits for others to join its batch
     device: str = "cpu"
-
-
-def model_info(model: WorldModel, name: str) -> ModelInfo:
-    """The same answer the inprocess backend gives, so the gateway keeps enough history to rebuild a world."""
-    dynamics, tokenizer = model.dynamics.config, model.tokenizer.config
-    horizon = max(history_horizon(dynamics.num_layers, dynamics.context_frames),
-                  history_horizon(tokenizer.decoder_layers, tokenizer.context_frames))
-    return ModelInfo(name=name, num_actions=model.num_actions, image_size=model.image_size,
-                     grid_size=tokenizer.grid_size, context_frames=horizon,
-                     default_maskgit_steps=dynamics.num_maskgit_steps, default_temperature=dynamics.temperature)
 
 
 def info_binding(info: ModelInfo, kind: str) -> Binding:

@@ -21,6 +21,7 @@ from services.gateway.server import GatewayRuntime
 from services.settings import GatewaySettings
 
 from tests.services.helpers import MAX_WORLDS, MODEL_NAME, open_channel
+from tests.services.triton_stack import triton_stack
 
 
 def tiny_world_model() -> WorldModel:
@@ -47,9 +48,9 @@ def inprocess_stack(checkpoint: Path, model_name: str) -> Iterator[dict]:
 
 
 # Backend name -> context manager (checkpoint dir, model name) yielding GatewaySettings overrides.
-# The triton helper adds: "triton": triton_stack (from tests/services/triton_stack.py).
 GATEWAY_BACKENDS: dict[str, Callable[[Path, str], contextlib.AbstractContextManager[dict]]] = {
     "inprocess": inprocess_stack,
+    "triton": triton_stack,  # three real Triton servers on loopback ports
 }
 
 

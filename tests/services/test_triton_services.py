@@ -18,7 +18,7 @@ from services.triton import protocol
 from services.triton.client import ServiceClient, ids_column
 from services.triton.protocol import Status
 from tests.services.helpers import MODEL_NAME
-from tests.services.triton_stack import TritonService, running_stack
+from tests.services.triton_stack import lone_service, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -175,7 +175,7 @@ def test_backend_refuses_a_miswired_endpoint(stack):
 
 
 def test_two_dynamics_services_run_side_by_side(stack, world_checkpoint, tmp_path):
-    second = TritonService("dynamics", world_checkpoint, "second-world", tmp_path, max_worlds=4)
+    second = lone_service("dynamics", world_checkpoint, "second-world", tmp_path, max_worlds=4)
     second.start()
     try:
         second.wait_ready()

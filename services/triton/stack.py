@@ -1,0 +1,282 @@
+"""The three Triton model services of one world (tokenizer, lam, dynamics) as child processes.
+
+`ServiceStack` starts them, waits until Triton says every model is ready, tells the gateway where they
+listen and stops them (SIGTERM, then SIGKILL after a timeout). `genie serve stack` (`run_stack`: the
+services plus a gateway), the serving benchmark and the integration tests all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from services.triton import protocol
+
+logger = logging.getLogger("genie.stack")
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+# Fixed layout of `genie serve stack`: dynamics on base+0..2, tokenizer base+10..12, lam base+20..22
+# (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
+PORT_OFFSETS = {"dynamics": 0, "tokenizer": 10, "lam": 20}
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex((host, port)) == 0
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    grpc: int
+    http: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> "ServicePorts":
+        return cls(grpc=free_port(), http=free_port(), metrics=free_port())
+
+    @classmethod
+    def fixed(cls, kind: str, base_port: int) -> "ServicePorts":
+        first = base_port + PORT_OFFSETS[kind]
+        return cls(http=first, grpc=first + 1, metrics=first + 2)
+
+
+def stack_ports(base_port: int) -> dict[str, ServicePorts]:
+    """The fixed layout from base_port, or free loopback ports for every service when base_port is 0."""
+    if base_port == 0:
+        return {kind: ServicePorts.free() for kind in protocol.SERVICE_KINDS}
+    return {kind: ServicePorts.fixed(kind, base_port) for kind in protocol.SERVICE_KINDS}
+
+
+def service_environment(torch_threads: int | None = None) -> dict[str, str]:
+    """The Python backend stub must load this interpreter's libpython, not the system one (ENVIRONMENT.md)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    library_path = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
+    threads = {} if torch_threads is None else {"OMP_NUM_THREADS": str(torch_threads)}
+    return os.environ | {"LD_LIBRARY_PATH": library_path} | threads
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it dies, so a crashed or killed
+    parent leaves no service behind (Linux prctl PR_SET_PDEATHSIG; PyTriton does the same for Triton)."""
+    _LIBC.prctl(1, signal.SIGTERM)
+
+
+def start_child(command: list[str], env: dict[str, str], log: IO | None = None) -> subprocess.Popen:
+    """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None, env=env,
+                            process_group=0, preexec_fn=_die_with_parent)
+
+
+def stop_child(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM, then SIGKILL if it lingers past the timeout; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """What every service of a stack shares (see `python -m services.triton --help`)."""
+
+    address: str = "127.0.0.1"
+    max_worlds: int = 256
+    max_queue_delay_us: int = 500
+    device: str = "cpu"
+    workspace_root: Path | None = None
+    torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
+
+
+class TritonService:
+    """One `python -m services.triton KIND` process; keeps its ports across restarts so clients reconnect.
+
+    Its output goes to log_path (appended) or, without one, to our own stdout and stderr."""
+
+    def __init__(self, kind: str, checkpoint: Path, model_name: str, ports: ServicePorts,
+                 options: ServiceOptions = ServiceOptions(), log_path: Path | None = None):
+        self.kind, self.ports, self.options, self.log_path = kind, ports, options, log_path
+        self.command = [sys.executable, "-m", "services.triton", kind, "--checkpoint", str(checkpoint),
+                        "--model-name", model_name, "--address", options.address,
+                        "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
+                        "--metrics-port", str(ports.metrics), "--max-worlds", str(options.max_worlds),
+                        "--max-queue-delay-us", str(options.max_queue_delay_us), "--device", options.device]
+        if options.workspace_root is not None:
+            self.command += ["--workspace-root", str(options.workspace_root)]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1" if self.options.address in ("0.0.0.0", "") else self.options.address
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}/metrics"
+
+    def start(self) -> None:
+        with contextlib.ExitStack() as files:
+            log: IO | None = files.enter_context(open(self.log_path, "ab")) if self.log_path else None
+            self.process = start_child(self.command, service_environment(self.options.torch_threads), log)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until Triton's own health endpoint and every model of this service say ready."""
+        deadline = time.monotonic() + timeout_s
+        with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.kind} service exited ({self.process.returncode}){self._log_hint()}")
+                with contextlib.suppress(InferenceServerException):
+                    if client.is_server_ready() and all(client.is_model_ready(name)
+                                                        for name in protocol.MODELS_BY_KIND[self.kind]):
+                        return
+                time.sleep(0.3)
+        raise TimeoutError(f"{self.kind} service not ready after {timeout_s} s{self._log_hint()}")
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """Ask for a graceful Triton shutdown (SIGTERM) without waiting for it."""
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL if it lingers past the timeout; returns the exit code."""
+        return None if self.process is None else stop_child(self.process, timeout_s)
+
+    def kill(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Crash it (SIGKILL) and wait until Triton, which outlives it briefly, has released the ports."""
+        self.process.kill()
+        self.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while any(port_in_use(port, self.host) for port in (self.ports.grpc, self.ports.http, self.ports.metrics)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind} service's ports still busy {timeout_s} s after SIGKILL")
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _log_hint(self) -> str:
+        return f":\n{self.log_tail()}" if self.log_path else " (its log is above)"
+
+
+class ServiceStack:
+    """The tokenizer, lam and dynamics services of one world model, started and stopped together.
+
+    ports: kind -> ServicePorts (default: free loopback ports); log_dir: one <kind>.log each (default:
+    our own output)."""
+
+    def __init__(self, checkpoint: Path, model_name: str, options: ServiceOptions = ServiceOptions(),
+                 ports: dict[str, ServicePorts] | None = None, log_dir: Path | None = None):
+        if not protocol.MODEL_NAME_PATTERN.match(model_name):
+            raise ValueError(f"model name {model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
+        self.model_name = model_name
+        ports = ports or stack_ports(0)
+        self.services = {kind: TritonService(kind, Path(checkpoint), model_name, ports[kind], options,
+                                             Path(log_dir) / f"{kind}.log" if log_dir else None)
+                         for kind in protocol.SERVICE_KINDS}
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "ServiceStack":
+        for service in self.services.values():  # start all first: they load in parallel
+            service.start()
+        try:
+            for service in self.services.values():
+                service.wait_ready(timeout_s)
+        except BaseException:  # not ready, or interrupted while waiting: leave no process behind
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int | None]:
+        """Stops all at once (each takes seconds to unload its models); returns each one's exit code."""
+        for service in self.services.values():
+            service.terminate()
+        return {kind: service.stop(timeout_s) for kind, service in self.services.items()}
+
+    def restart(self, kind: str) -> None:
+        self.services[kind].stop()
+        self.services[kind].start()
+        self.services[kind].wait_ready()
+
+    def exited(self) -> dict[str, int]:
+        """The services that are no longer running, with their exit codes."""
+        return {kind: service.process.returncode for kind, service in self.services.items()
+                if service.process is not None and service.process.poll() is not None}
+
+    def overrides(self) -> dict:
+        """GatewaySettings fields that point a gateway at this stack."""
+        endpoints = {kind: service.url for kind, service in self.services.items()}
+        return {"backend": "triton", "triton_endpoints": {self.model_name: endpoints}}
+
+    def gateway_environment(self) -> dict[str, str]:
+        """The same as GENIE_GATEWAY_* variables, for a gateway in its own process."""
+        return {f"GENIE_GATEWAY_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+                for name, value in self.overrides().items()}
+
+    def __enter__(self) -> "ServiceStack":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def run_stack(stack: ServiceStack, gateway_args: list[str], poll_s: float = 0.5) -> int:
+    """`genie serve stack`: the services, then a gateway (`genie serve gateway GATEWAY_ARGS`) pointed at them,
+    until SIGTERM or SIGINT. Stops the gateway first (it drains in-flight steps), then the services.
+    Returns 0 when asked to stop and every child exited cleanly, 1 when a child died on its own."""
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both interrupt whatever we wait on, start-up included
+        signal.signal(signum, signal.default_int_handler)
+    gateway: subprocess.Popen | None = None
+    requested = False
+    try:
+        stack.start()
+        gateway = start_child([sys.executable, "-m", "services.cli", "serve", "gateway", *gateway_args],
+                              os.environ | stack.gateway_environment())
+        logger.info("stack serving", extra={"model": stack.model_name, "gateway_pid": gateway.pid,
+                                            "services": {kind: s.url for kind, s in stack.services.items()}})
+        while gateway.poll() is None and not stack.exited():
+            time.sleep(poll_s)
+        logger.error("a child exited on its own; stopping the stack",
+                     extra={"gateway": gateway.returncode, "services": stack.exited()})
+    except KeyboardInterrupt:
+        requested = True
+        logger.info("stopping the stack")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stop in order; the SIGKILL timeouts bound it
+            signal.signal(signum, signal.SIG_IGN)
+        codes = {"gateway": stop_child(gateway) if gateway is not None else 0} | stack.stop()
+    logger.info("stack stopped", extra={"exit_codes": codes})
+    return 0 if requested and all(code in (0, None) for code in codes.values()) else 1
