@@ -40,8 +40,17 @@ def _connect(name: str, urls: dict[str, str], settings: GatewaySettings) -> Worl
     return WorldServices(name, **clients)
 
 
-def _status(result, rows: int = 1) -> list[Status]:
-    return [Status(int(value)) for value in result.as_numpy("status").reshape(rows)]
+# A batch goes out as few multi-row requests (one round trip and one PyTriton hand-off per request, not per
+# world); Triton's dynamic batcher still merges them with other gateways'. Needs --max-batch-size >= this.
+ROWS_PER_REQUEST = 16
+
+
+def _chunks(steps: Sequence[WorldStep]) -> list[Sequence[WorldStep]]:
+    return [steps[start:start + ROWS_PER_REQUEST] for start in range(0, len(steps), ROWS_PER_REQUEST)]
+
+
+def _statuses(results) -> list[Status]:
+    return [Status(int(value)) for result in results for value in result.as_numpy("status").reshape(-1)]
 
 
 class TritonBackend:
@@ -112,21 +121,23 @@ class TritonBackend:
         return [StepResult(tokens=tokens[index], frame=frames[index]) for index in range(len(steps))]
 
     def _sample(self, services: WorldServices, steps: Sequence[WorldStep]) -> np.ndarray:
-        requests = [{"world_id": ids_column(step.world_id, rows=True),
-                     "action": np.array([[step.action]], dtype=np.int64),
-                     "seed": np.array([[step.seed]], dtype=np.int64),
-                     "step_index": np.array([[step.step_index]], dtype=np.int64),
-                     "num_maskgit_steps": np.array([[step.num_maskgit_steps]], dtype=np.int32),
-                     "temperature": np.array([[step.temperature]], dtype=np.float32)} for step in steps]
+        requests = [{"world_id": np.array([[step.world_id.encode("utf-8")] for step in chunk], dtype=object),
+                     "action": np.array([[step.action] for step in chunk], dtype=np.int64),
+                     "seed": np.array([[step.seed] for step in chunk], dtype=np.int64),
+                     "step_index": np.array([[step.step_index] for step in chunk], dtype=np.int64),
+                     "num_maskgit_steps": np.array([[step.num_maskgit_steps] for step in chunk], dtype=np.int32),
+                     "temperature": np.array([[step.temperature] for step in chunk], dtype=np.float32)}
+                    for chunk in _chunks(steps)]
         results = services.dynamics.infer_many(protocol.DYNAMICS_STEP, requests)
-        self._check(steps, [_status(result)[0] for result in results], "dynamics")
+        self._check(steps, _statuses(results), "dynamics")
         return np.concatenate([result.as_numpy("tokens") for result in results])  # [B, S]
 
     def _decode(self, services: WorldServices, steps: Sequence[WorldStep], tokens: np.ndarray) -> np.ndarray:
-        requests = [{"world_id": ids_column(step.world_id, rows=True), "tokens": tokens[index][None]}
-                    for index, step in enumerate(steps)]
+        requests = [{"world_id": np.array([[step.world_id.encode("utf-8")] for step in chunk], dtype=object),
+                     "tokens": tokens[start:start + len(chunk)]}
+                    for start, chunk in zip(range(0, len(steps), ROWS_PER_REQUEST), _chunks(steps))]
         results = services.tokenizer.infer_many(protocol.TOKENIZER_DECODE, requests)
-        self._check(steps, [_status(result)[0] for result in results], "tokenizer")
+        self._check(steps, _statuses(results), "tokenizer")
         return np.concatenate([result.as_numpy("frames") for result in results])  # [B, H, W, 3]
 
     @staticmethod

@@ -91,10 +91,9 @@ def start_child(command: list[str], env: dict[str, str], log: IO | None = None) 
                             process_group=0, preexec_fn=_die_with_parent)
 
 
-def stop_child(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM, then SIGKILL if it lingers past the timeout; returns the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def wait_or_kill(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """Waits for a child asked to stop, SIGKILLs it if it lingers past the timeout; returns the exit code.
+    Never signals twice: a second SIGTERM would interrupt a Triton service's graceful shutdown."""
     try:
         return process.wait(timeout_s)
     except subprocess.TimeoutExpired:
@@ -130,6 +129,7 @@ class TritonService:
         if options.workspace_root is not None:
             self.command += ["--workspace-root", str(options.workspace_root)]
         self.process: subprocess.Popen | None = None
+        self.stopping = False  # SIGTERM sent
 
     @property
     def host(self) -> str:
@@ -147,6 +147,7 @@ class TritonService:
         with contextlib.ExitStack() as files:
             log: IO | None = files.enter_context(open(self.log_path, "ab")) if self.log_path else None
             self.process = start_child(self.command, service_environment(self.options.torch_threads), log)
+        self.stopping = False
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until Triton's own health endpoint and every model of this service say ready."""
@@ -166,13 +167,17 @@ class TritonService:
         return self.process is not None and self.process.poll() is None
 
     def terminate(self) -> None:
-        """Ask for a graceful Triton shutdown (SIGTERM) without waiting for it."""
-        if self.running():
+        """Ask for a graceful Triton shutdown (SIGTERM, once) without waiting for it."""
+        if self.running() and not self.stopping:
             self.process.send_signal(signal.SIGTERM)
+            self.stopping = True
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, then SIGKILL if it lingers past the timeout; returns the exit code."""
-        return None if self.process is None else stop_child(self.process, timeout_s)
+        if self.process is None:
+            return None
+        self.terminate()
+        return wait_or_kill(self.process, timeout_s)
 
     def kill(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Crash it (SIGKILL) and wait until Triton, which outlives it briefly, has released the ports."""
@@ -253,6 +258,14 @@ class ServiceStack:
         self.stop()
 
 
+def stop_gateway(gateway: subprocess.Popen | None) -> int | None:
+    if gateway is None:
+        return None
+    if gateway.poll() is None:
+        gateway.send_signal(signal.SIGTERM)
+    return wait_or_kill(gateway)
+
+
 def run_stack(stack: ServiceStack, gateway_args: list[str], poll_s: float = 0.5) -> int:
     """`genie serve stack`: the services, then a gateway (`genie serve gateway GATEWAY_ARGS`) pointed at them,
     until SIGTERM or SIGINT. Stops the gateway first (it drains in-flight steps), then the services.
@@ -277,6 +290,6 @@ def run_stack(stack: ServiceStack, gateway_args: list[str], poll_s: float = 0.5)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):  # stop in order; the SIGKILL timeouts bound it
             signal.signal(signum, signal.SIG_IGN)
-        codes = {"gateway": stop_child(gateway) if gateway is not None else 0} | stack.stop()
+        codes = {"gateway": stop_gateway(gateway)} | stack.stop()
     logger.info("stack stopped", extra={"exit_codes": codes})
     return 0 if requested and all(code in (0, None) for code in codes.values()) else 1
