@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genie_models.dynamics import maskgit_sample
 from genie_models.training.dynamics import DYNAMICS_TRAINING, CoTrained
 from genie_models.training.tokenizer import TOKENIZER_TRAINING
 from genie_models.world import WorldPool
@@ -94,18 +95,16 @@ def _filled_pool(world: WorldModel, count: int, device: torch.device, dtype: tor
 
 @torch.no_grad()
 def recompute_step(world: WorldModel, tokens: torch.Tensor, actions: torch.Tensor, action: int) -> torch.Tensor:
-    """One world step WITHOUT a KV cache: every MaskGIT pass and the decode rerun the whole context window.
-    tokens [1, T, S], actions [1, T] -> the window with the new frame appended (the baseline to beat)."""
+    """One world step WITHOUT a KV cache, the baseline to beat: the same MaskGIT sampler and decoder, but
+    every pass and the decode rerun the whole context window. tokens [1, T, S], actions [1, T]."""
     config = world.dynamics.config
-    steps = config.num_maskgit_steps
-    new_action = torch.tensor([[action]], device=tokens.device)
-    history_actions = torch.cat([actions, new_action], dim=1)
-    mask = torch.full((1, 1, tokens.shape[2]), config.mask_id, device=tokens.device)
-    frame = mask
-    for step in range(steps):  # greedy confident-first fill: same FLOPs as the sampled path
-        logits = world.dynamics(torch.cat([tokens, frame], dim=1), history_actions)[:, -1]
-        frame = torch.where(frame == config.mask_id, logits.argmax(-1)[:, None], frame)
-    window = torch.cat([tokens, frame], dim=1)[:, -config.context_frames:]
+    history_actions = torch.cat([actions, torch.tensor([[action]], device=tokens.device)], dim=1)
+    uniforms = torch.rand(1, config.num_maskgit_steps, tokens.shape[2], device=tokens.device)
+    temperature = torch.full((1,), config.temperature, device=tokens.device)
+    frame = maskgit_sample(
+        lambda new: world.dynamics(torch.cat([tokens, new[:, None]], dim=1), history_actions)[:, -1],
+        config.mask_id, config.num_maskgit_steps, temperature, uniforms)
+    window = torch.cat([tokens, frame[:, None]], dim=1)[:, -config.context_frames:]
     grid = world.tokenizer.config.grid_size
     world.tokenizer.decode(window.reshape(1, window.shape[1], grid, grid))
     return window

@@ -46,8 +46,8 @@ class DynamicsConfig:
 
 DYNAMICS_PRESETS = {
     # Greedy decoding: a minutes-old CPU model's samples are mostly noise at temperature 1 (+2 dB PSNR).
-    "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, context_frames=8,
-                           num_maskgit_steps=8, temperature=0.0),
+    "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, num_maskgit_steps=8,
+                           temperature=0.0),
     "coinrun": DynamicsConfig(),
 }
 
@@ -97,10 +97,11 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: tor
     greedy = temperature <= 0
     scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None, None]
     probs = scaled.softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    drawn = torch.searchsorted(cdf, (uniforms * cdf[..., -1])[..., None].contiguous()).squeeze(-1)
-    drawn = drawn.clamp_max(logits.shape[-1] - 1)
-    ids = torch.where(greedy[:, None], probs.argmax(dim=-1), drawn)
+    ids = probs.argmax(dim=-1)
+    if not bool(greedy.all()):  # the inverse-CDF draw is only needed where some world samples
+        cdf = probs.cumsum(dim=-1)
+        drawn = torch.searchsorted(cdf, (uniforms * cdf[..., -1])[..., None].contiguous()).squeeze(-1)
+        ids = torch.where(greedy[:, None], ids, drawn.clamp_max(logits.shape[-1] - 1))
     return ids, probs.gather(-1, ids[..., None]).squeeze(-1)
 
 
