@@ -135,13 +135,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", default="1,8,32", help="world batch sizes to step")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--context-frames", type=int, default=None,
+                        help="override the models' temporal window (the KV-cache speedup grows with it)")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    world = WorldModel.from_preset(args.preset).to(device)
+    world = WorldModel.from_preset(args.preset, args.context_frames).to(device)
     results = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "context_frames": world.dynamics.config.context_frames}
     if not args.skip_training:
         results |= bench_training(world, args.preset, device, args.repeats)
     cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

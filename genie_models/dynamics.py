@@ -46,8 +46,8 @@ class DynamicsConfig:
 
 DYNAMICS_PRESETS = {
     # Greedy decoding: a minutes-old CPU model's samples are mostly noise at temperature 1 (+2 dB PSNR).
-    "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, num_maskgit_steps=8,
-                           temperature=0.0),
+    "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, context_frames=8,
+                           num_maskgit_steps=8, temperature=0.0),
     "coinrun": DynamicsConfig(),
 }
 

@@ -44,7 +44,7 @@ class LAMConfig:
 
 
 LAM_PRESETS = {
-    "tiny": LAMConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2),
+    "tiny": LAMConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2, context_frames=8),
     "coinrun": LAMConfig(),
 }
 

@@ -46,9 +46,8 @@ class TokenizerConfig:
 
 
 TOKENIZER_PRESETS = {
-    # Trained on 2-frame clips on CPU, so its temporal window is 2 frames: never wider than training saw.
     "tiny": TokenizerConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2,
-                            num_codes=512, code_dim=32, context_frames=2),
+                            num_codes=512, code_dim=32, context_frames=8),
     "coinrun": TokenizerConfig(),  # the paper's CoinRun case study (Appendix F)
 }
 

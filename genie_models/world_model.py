@@ -6,7 +6,7 @@ model's config, so a world directory is self-describing and never unpickled.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,13 @@ class WorldModel:
     dynamics: DynamicsModel
 
     @classmethod
-    def from_preset(cls, name: str) -> "WorldModel":
-        tokenizer_config, lam_config = TOKENIZER_PRESETS[name], LAM_PRESETS[name]
-        dynamics_config = dynamics_config_for(tokenizer_config, lam_config, DYNAMICS_PRESETS[name])
+    def from_preset(cls, name: str, context_frames: int | None = None) -> "WorldModel":
+        """Untrained models of a preset; context_frames, if given, replaces every model's temporal window."""
+        configs = TOKENIZER_PRESETS[name], LAM_PRESETS[name], DYNAMICS_PRESETS[name]
+        if context_frames is not None:
+            configs = tuple(replace(config, context_frames=context_frames) for config in configs)
+        tokenizer_config, lam_config, base = configs
+        dynamics_config = dynamics_config_for(tokenizer_config, lam_config, base)
         return cls(VideoTokenizer(tokenizer_config), LatentActionModel(lam_config), DynamicsModel(dynamics_config))
 
     @property

@@ -20,7 +20,7 @@ from genie_models.training.common import (Progress, RunCheckpoints, TrainConfig,
 from genie_models.world_model import WORLD_KIND, WorldModel, dynamics_config_for
 
 DYNAMICS_TRAINING = {
-    "tiny": TrainConfig(steps=250, batch_size=3, clip_length=16, learning_rate=1e-3, warmup_steps=25,
+    "tiny": TrainConfig(steps=250, batch_size=6, clip_length=8, learning_rate=1e-3, warmup_steps=25,
                         final_learning_rate=1e-4, checkpoint_every=125),
     "coinrun": TrainConfig(steps=200_000, batch_size=36, clip_length=16, learning_rate=3e-5, warmup_steps=5_000,
                            final_learning_rate=3e-6, checkpoint_every=5_000),

@@ -33,4 +33,4 @@ def test_lam_learns_distinct_actions_for_distinct_motions(lam_config):
     # Both clips start from the same frame: only the action can tell the decoder which way it moved.
     assert actions[0, 0] != actions[1, 0]
     # Copying the previous frame scores 0.0625 here; only a model using the action gets far below.
-    assert float(lam(clips).loss) < 0.03
+    assert lam(clips).loss.item() < 0.03
