@@ -41,16 +41,17 @@ def checkpoint_for(preset: str, out: Path) -> Path:
 
 @contextlib.contextmanager
 def backend_settings(backend: str, checkpoint: Path, max_worlds: int,
-                     max_queue_delay_us: int) -> Iterator[dict[str, str]]:
+                     max_queue_delay_us: int, device: str) -> Iterator[dict[str, str]]:
     """GENIE_GATEWAY_* variables that point the gateway at the backend; the triton backend starts its
     model services here, each with its log and workspace in a temporary directory."""
     if backend == "inprocess":
-        yield {"GENIE_GATEWAY_BACKEND": "inprocess", "GENIE_GATEWAY_MODELS": json.dumps({MODEL_NAME: str(checkpoint)})}
+        yield {"GENIE_GATEWAY_BACKEND": "inprocess", "GENIE_GATEWAY_DEVICE": device,
+               "GENIE_GATEWAY_MODELS": json.dumps({MODEL_NAME: str(checkpoint)})}
         return
     # A short workspace root: PyTriton puts Unix sockets in it.
     with tempfile.TemporaryDirectory(prefix="genie-bench-") as logs, \
             tempfile.TemporaryDirectory(prefix="gb-") as workspace_root:
-        options = ServiceOptions(max_worlds=max_worlds, max_queue_delay_us=max_queue_delay_us,
+        options = ServiceOptions(max_worlds=max_worlds, max_queue_delay_us=max_queue_delay_us, device=device,
                                  workspace_root=Path(workspace_root))
         with ServiceStack(checkpoint, MODEL_NAME, options, log_dir=Path(logs)) as stack:
             yield stack.gateway_environment()
@@ -114,8 +115,8 @@ def measure(address: str, sessions: int, steps: int, num_actions: int) -> dict[s
 
 
 def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int,
-                max_queue_delay_us: int) -> list[dict[str, float]]:
-    with backend_settings(backend, checkpoint, max(levels), max_queue_delay_us) as env, \
+                max_queue_delay_us: int, device: str) -> list[dict[str, float]]:
+    with backend_settings(backend, checkpoint, max(levels), max_queue_delay_us, device) as env, \
             running_gateway(env, max(levels)) as address:
         channel, stub = connect(address)
         with channel:
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a saved world directory")
     parser.add_argument("--sessions", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20, help="steps per session")
+    parser.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
     parser.add_argument("--max-queue-delay-us", type=int, default=500, help="the Triton services' batching delay")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"),
                         help="writes serving-PRESET-BACKEND.json here")
@@ -162,12 +164,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or checkpoint_for(args.preset, Path(scratch))
         for backend in backends:
-            results[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us)
+            results[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us,
+                                           args.device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = args.checkpoint.name if args.checkpoint else args.preset
     for backend, rows in results.items():
         print_rows(backend, rows)
-        settings = {"steps": args.steps, "max_queue_delay_us": args.max_queue_delay_us, "cpus": os.cpu_count()}
+        settings = {"steps": args.steps, "max_queue_delay_us": args.max_queue_delay_us, "cpus": os.cpu_count(),
+                    "device": args.device}
         (args.out_dir / f"serving-{name}-{backend}.json").write_text(json.dumps(
             {"backend": backend, "preset": args.preset, "checkpoint": str(args.checkpoint or ""),
              "settings": settings, "rows": rows}, indent=2))
