@@ -180,3 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: say what is wrong, no traceback
         sys.exit(f"genie {args.command}: error: {error}")
+
+
+if __name__ == "__main__":  # `torchrun ... -m genie_models.cli train ...` for DDP
+    main()
