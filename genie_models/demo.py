@@ -19,7 +19,6 @@ from genie_models.render import action_grid_frames, reconstruction_image, save_g
 from genie_models.tokenizer import TOKENIZER_PRESETS
 from genie_models.training.dynamics import DYNAMICS_TRAINING, train_dynamics
 from genie_models.training.tokenizer import TOKENIZER_TRAINING, train_tokenizer
-from genie_models.world_model import WorldModel
 
 
 @dataclass(frozen=True)

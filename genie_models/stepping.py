@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from genie_models.dynamics import DynamicsModel, maskgit_sample
-from genie_models.st_transformer import STTransformer, TemporalKVCache
+from genie_models.st_transformer import STTransformer
 from genie_models.tokenizer import VideoTokenizer
 
 

@@ -21,7 +21,7 @@ from genie.v1 import world_pb2_grpc
 from services import registry
 from services.backends.base import BackendError, ModelBackend
 from services.gateway import convert
-from services.gateway.errors import (DeadlineExceeded, GatewayError, InvalidArgument, NotFound,
+from services.gateway.errors import (DeadlineExceeded, InvalidArgument, NotFound,
                                      ResourceExhausted, Unavailable)
 from services.gateway.gateway import Gateway
 from services.metrics import GatewayMetrics, MetricsServer, serve_metrics

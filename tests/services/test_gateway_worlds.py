@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from genie.v1 import world_pb2 as pb
 from genie_models import World
