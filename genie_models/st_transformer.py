@@ -37,17 +37,22 @@ class STConfig:
         return max(self.context_frames, self.num_layers * (self.context_frames - 1))
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of x [B, T, S, H, E] by angles of the absolute frame positions [B, T].
+def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, 1, 1, E/2] of the absolute frame positions [B, T].
 
     Angles are computed in float64 so that worlds stepped for many thousands of frames keep exact
     relative offsets, which is all attention scores depend on.
     """
+    half = head_dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=positions.device, dtype=torch.float64) / half)
+    angles = rearrange(positions.to(torch.float64)[..., None] * freqs, "b t e -> b t 1 1 e")
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x [B, T, S, H, E] by the tables of rotary_tables."""
     half = x.shape[-1] // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
-    angles = positions.to(torch.float64)[..., None] * freqs  # [B, T, E/2]
-    cos = rearrange(angles.cos().to(x.dtype), "b t e -> b t 1 1 e")
-    sin = rearrange(angles.sin().to(x.dtype), "b t e -> b t 1 1 e")
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -57,6 +62,16 @@ def temporal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, wi
     offset = query_positions[:, :, None] - key_positions[:, None, :]  # [B, Tq, Tk]
     allowed = (offset >= 0) & (offset < window)
     return rearrange(allowed, "b q k -> b 1 1 q k")
+
+
+@dataclass
+class FramePositions:
+    """The frames of one forward pass and what every layer derives from their positions, computed once."""
+
+    positions: torch.Tensor  # [B, T] absolute frame indices
+    cos: torch.Tensor  # rotary tables [B, T, 1, 1, E/2]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [B, 1, 1, T, keys]: over cached past + these frames; None = plain causal
 
 
 class TemporalKVCache:
@@ -107,6 +122,13 @@ class CacheView:
         self.cache, self.slots, self.commit = cache, slots, commit
         self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.past_positions = cache.positions[slots]  # [B, capacity]
+
+    def committing(self) -> "CacheView":
+        """A committing view of the same slots that reuses what this one already gathered (the cache has
+        not changed in between): the final pass of a step writes the frame without re-reading the cache."""
+        view = CacheView(self.cache, self.slots, commit=True)
+        view._gathered = self._gathered
+        return view
 
     def query_positions(self, num_new_frames: int) -> torch.Tensor:
         start = self.cache.next_position[self.slots]
@@ -159,36 +181,34 @@ class TemporalAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
-        # x [B, T, S, D]; positions [B, T] absolute frame indices
+    def forward(self, x: torch.Tensor, frames: FramePositions, cache: CacheView | None) -> torch.Tensor:
+        # x [B, T, S, D]
         q, k, v = rearrange(self.qkv(x), "b t s (three h e) -> three b t s h e", three=3, h=self.num_heads)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = rotary(q, frames.cos, frames.sin), rotary(k, frames.cos, frames.sin)
         q, k, v = (rearrange(y, "b t s h e -> b s h t e") for y in (q, k, v))
         if cache is None:
-            out = self._attend_clip(q, k, v, positions)
+            out = self._attend_clip(q, k, v, frames.mask)
         else:
-            out = self._attend_cached(q, k, v, positions, cache)
+            out = self._attend_cached(q, k, v, frames.mask, cache)
             if cache.commit:
-                cache.write(self.layer, k, v, positions)
+                cache.write(self.layer, k, v, frames.positions)
         return self.out(rearrange(out, "b s h t e -> b t s (h e)"))
 
-    def _attend_clip(self, q, k, v, positions: torch.Tensor) -> torch.Tensor:
-        batch = q.shape[0]
-        if q.shape[3] <= self.window:  # plain causal on 4-D inputs lets SDPA pick its fused kernels
+    def _attend_clip(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:  # plain causal on 4-D inputs lets SDPA pick its fused kernels
+            batch = q.shape[0]
             q, k, v = (rearrange(y, "b s h t e -> (b s) h t e") for y in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return rearrange(out, "(b s) h t e -> b s h t e", b=batch)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=temporal_mask(positions, positions, self.window))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def _attend_cached(self, q, k, v, positions: torch.Tensor, cache: CacheView) -> torch.Tensor:
+    def _attend_cached(self, q, k, v, mask: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """Attend over cached past frames and the new ones without concatenating keys/values:
         only the small score tensors are joined, which keeps each MaskGIT pass at one frame's cost."""
         past_keys, past_values = cache.past(self.layer)  # [B, S, H, capacity, E]
         scale = q.shape[-1] ** -0.5
         past_scores = torch.einsum("bshte,bshce->bshtc", q, past_keys.to(q.dtype))
         new_scores = torch.einsum("bshte,bshue->bshtu", q, k)
-        mask = torch.cat([temporal_mask(positions, cache.past_positions, self.window),
-                          temporal_mask(positions, positions, self.window)], dim=-1)
         scores = torch.cat([past_scores, new_scores], dim=-1) * scale
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         capacity = past_keys.shape[3]
@@ -207,9 +227,9 @@ class STBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: FramePositions, cache: CacheView | None) -> torch.Tensor:
         x = x + self.spatial(self.spatial_norm(x))
-        x = x + self.temporal(self.temporal_norm(x), positions, cache)
+        x = x + self.temporal(self.temporal_norm(x), frames, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -228,11 +248,22 @@ class STTransformer(nn.Module):
         if positions is None:
             positions = (cache.query_positions(frames) if cache is not None
                          else torch.arange(frames, device=x.device).expand(batch, frames))
+        frame_positions = self._frame_positions(positions, cache)
         for block in self.blocks:
-            x = block(x, positions, cache)
+            x = block(x, frame_positions, cache)
         if cache is not None:
             cache.finish(positions)
         return self.norm(x)
+
+    def _frame_positions(self, positions: torch.Tensor, cache: CacheView | None) -> FramePositions:
+        window = self.config.context_frames
+        cos, sin = rotary_tables(positions, self.config.head_dim)
+        if cache is not None:
+            mask = torch.cat([temporal_mask(positions, cache.past_positions, window),
+                              temporal_mask(positions, positions, window)], dim=-1)
+        else:  # training clips from position 0: plain causal unless the clip outgrows the window
+            mask = None if positions.shape[1] <= window else temporal_mask(positions, positions, window)
+        return FramePositions(positions, cos, sin, mask)
 
     def new_cache(self, num_slots: int, tokens_per_frame: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> TemporalKVCache:

@@ -119,7 +119,7 @@ class DynamicsEngine:
         view = self.sessions.cache.view(slots)
         tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, cache=view)[:, 0],
                                 self.config.mask_id, num_steps, temperature, uniforms)
-        self.model(tokens[:, None], actions, cache=self.sessions.cache.view(slots, commit=True))
+        self.model(tokens[:, None], actions, cache=view.committing())
         return tokens
 
     def end(self, session: Hashable) -> None:
