@@ -6,7 +6,7 @@ Each model gets a DynamicsEngine and a FrameDecoder with one cache slot per worl
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,19 +65,20 @@ class InProcessBackend:
             raise ModelUnavailable(f"model {model!r} is not loaded; loaded: {', '.join(self._models) or 'none'}")
         return loaded
 
-    @torch.no_grad()
     def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
-        loaded = self._get(model)
-        with loaded.lock:
-            pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-            return loaded.world.tokenizer.encode(pixels[None])[0].cpu().numpy()
+        return self._on_frames(model, frames, lambda world, clip: world.tokenizer.encode(clip))
+
+    def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
+        return self._on_frames(model, frames, lambda world, clip: world.lam.infer_actions(clip))
 
     @torch.no_grad()
-    def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
+    def _on_frames(self, model: str, frames: np.ndarray,
+                   run: Callable[[WorldModel, torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """Run a model on frames [T, H, W, 3] as one clip, under the model's lock."""
         loaded = self._get(model)
         with loaded.lock:
-            pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-            return loaded.world.lam.infer_actions(pixels[None])[0].cpu().numpy()
+            clip = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)[None]
+            return run(loaded.world, clip)[0].cpu().numpy()
 
     def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
         loaded = self._get(model)

@@ -5,12 +5,15 @@ Triton hands a batched model several requests at once; each may carry one or mor
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.proxy.types import Request
+
+from services.triton.protocol import Status
 
 UNBATCHED = ModelConfig(batching=False)
 
@@ -44,6 +47,18 @@ def split_rows(outputs: dict[str, np.ndarray], counts: Sequence[int]) -> list[di
 def world_ids(column: np.ndarray) -> list[str]:
     """A BYTES column [N, 1] of world ids -> str ids."""
     return [bytes(value).decode("utf-8") for value in column.reshape(-1)]
+
+
+def end_sessions(requests: Sequence[Request], lock: threading.Lock,
+                 end: Callable[[str], None]) -> list[dict[str, np.ndarray]]:
+    """The `*_end` models of the stateful services: forget each named world's cache (unknown ids are fine)."""
+    results = []
+    for request in requests:
+        [world_id] = world_ids(request["world_id"])
+        with lock:
+            end(world_id)
+        results.append({"status": np.array([Status.OK], dtype=np.int8)})
+    return results
 
 
 def repeated_rows(ids: Sequence[str]) -> set[int]:

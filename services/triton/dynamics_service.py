@@ -18,7 +18,8 @@ from pytriton.proxy.types import Request
 from genie_models.dynamics import DynamicsModel
 from genie_models.stepping import DynamicsEngine, StepRequest
 from services.triton import protocol
-from services.triton.batching import UNBATCHED, Binding, gather_rows, repeated_rows, split_rows, world_ids
+from services.triton.batching import (UNBATCHED, Binding, end_sessions, gather_rows, repeated_rows, split_rows,
+                                     world_ids)
 from services.triton.protocol import Status
 
 STEP_INPUTS = ("world_id", "action", "seed", "step_index", "num_maskgit_steps", "temperature")
@@ -80,13 +81,7 @@ class DynamicsService:
         return split_rows({"tokens": tokens, "status": status}, counts)
 
     def end(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
-        results = []
-        for request in requests:
-            [world_id] = world_ids(request["world_id"])
-            with self.lock:
-                self.engine.end(world_id)
-            results.append({"status": np.array([Status.OK], dtype=np.int8)})
-        return results
+        return end_sessions(requests, self.lock, self.engine.end)
 
     def bindings(self, batcher: ModelConfig) -> list[Binding]:
         world_id = Tensor(name="world_id", dtype=bytes, shape=(1,))

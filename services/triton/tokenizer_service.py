@@ -17,7 +17,8 @@ from pytriton.proxy.types import Request
 from genie_models.stepping import FrameDecoder
 from genie_models.tokenizer import VideoTokenizer
 from services.triton import protocol
-from services.triton.batching import UNBATCHED, Binding, gather_rows, repeated_rows, split_rows, world_ids
+from services.triton.batching import (UNBATCHED, Binding, end_sessions, gather_rows, repeated_rows, split_rows,
+                                     world_ids)
 from services.triton.protocol import Status
 
 
@@ -75,13 +76,7 @@ class TokenizerService:
         return split_rows({"frames": frames, "status": status}, counts)
 
     def end(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
-        results = []
-        for request in requests:
-            [world_id] = world_ids(request["world_id"])
-            with self.lock:
-                self.decoder.end(world_id)
-            results.append({"status": np.array([Status.OK], dtype=np.int8)})
-        return results
+        return end_sessions(requests, self.lock, self.decoder.end)
 
     def bindings(self, batcher: ModelConfig) -> list[Binding]:
         size, grid = self.config.image_size, self.config.grid_size
