@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from genie_models.dynamics import maskgit_sample
-from genie_models.training.dynamics import DYNAMICS_TRAINING, CoTrained
+from genie_models.training.dynamics import DYNAMICS_TRAINING, LAM_FIRST, CoTrained
 from genie_models.training.tokenizer import TOKENIZER_TRAINING
 from genie_models.world import WorldPool
 from genie_models.world_model import WorldModel
@@ -46,41 +46,43 @@ def _autocast(device: torch.device):
 
 
 def bench_training(world: WorldModel, preset: str, device: torch.device, repeats: int) -> dict[str, float]:
-    size = world.image_size
+    """Training frames/s of each phase of the preset's recipe (tokenizing on the fly, as training does)."""
+    def clips(config):
+        return torch.randint(0, 256, (config.batch_size, config.clip_length, world.image_size, world.image_size, 3),
+                             dtype=torch.uint8, device=device)
+
     results = {}
-    tokenizer_config = TOKENIZER_TRAINING[preset]
-    frames = torch.randint(0, 256, (tokenizer_config.batch_size, tokenizer_config.clip_length, size, size, 3),
-                           dtype=torch.uint8, device=device)
-    tokenizer = world.tokenizer.train()
-    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-5)
-
-    def tokenizer_step():
-        with _autocast(device):
-            loss = tokenizer(frames).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    seconds = _timed(tokenizer_step, device, 2, repeats)
-    results["train_tokenizer_frames_per_s"] = frames.shape[0] * frames.shape[1] / seconds
-    dynamics_config = DYNAMICS_TRAINING[preset]
-    clips = torch.randint(0, 256, (dynamics_config.batch_size, dynamics_config.clip_length, size, size, 3),
-                          dtype=torch.uint8, device=device)
-    pair = CoTrained(world.lam, world.dynamics).train()
-    optimizer = torch.optim.AdamW(pair.parameters(), lr=1e-5)
-    world.tokenizer.eval()
-
-    def dynamics_step():
-        with _autocast(device):
-            tokens = world.tokenizer.encode(clips).flatten(2)
-            loss = pair(clips, tokens)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    seconds = _timed(dynamics_step, device, 2, repeats)
-    results["train_lam_dynamics_frames_per_s"] = clips.shape[0] * clips.shape[1] / seconds
+    frames = clips(TOKENIZER_TRAINING[preset])
+    results["train_tokenizer_frames_per_s"] = _train_frames_per_s(
+        lambda: world.tokenizer(frames).loss, world.tokenizer.train(), frames, device, repeats)
+    lam_first = LAM_FIRST[preset]
+    if lam_first is not None:  # the preset trains the LAM alone first, then dynamics against it frozen
+        lam_clips = clips(lam_first)
+        results["train_lam_frames_per_s"] = _train_frames_per_s(
+            lambda: world.lam(lam_clips).loss, world.lam.train(), lam_clips, device, repeats)
+    dynamics_clips = clips(DYNAMICS_TRAINING[preset])
+    pair = CoTrained(world.lam, world.dynamics, train_lam=lam_first is None).train()
+    tokenizer = world.tokenizer.eval()
+    name = "train_dynamics_frames_per_s" if lam_first is not None else "train_lam_dynamics_frames_per_s"
+    results[name] = _train_frames_per_s(
+        lambda: pair(dynamics_clips, tokenizer.encode(dynamics_clips).flatten(2))["loss"], pair, dynamics_clips,
+        device, repeats)
     return results
+
+
+def _train_frames_per_s(loss_fn, module: torch.nn.Module, frames: torch.Tensor, device: torch.device,
+                        repeats: int) -> float:
+    """Median training frames/s of optimizer steps on loss_fn() over module's parameters."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+
+    def step():
+        with _autocast(device):
+            loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return frames.shape[0] * frames.shape[1] / _timed(step, device, 2, repeats)
 
 
 def _filled_pool(world: WorldModel, count: int, device: torch.device, dtype: torch.dtype) -> tuple[WorldPool, list[int]]:
@@ -106,7 +108,9 @@ def recompute_step(world: WorldModel, tokens: torch.Tensor, actions: torch.Tenso
         config.mask_id, config.num_maskgit_steps, temperature, uniforms)
     window = torch.cat([tokens, frame[:, None]], dim=1)[:, -config.context_frames:]
     grid = world.tokenizer.config.grid_size
-    world.tokenizer.decode(window.reshape(1, window.shape[1], grid, grid))
+    # A temporal decoder must rerun the window too; a per-frame one decodes just the new frame either way.
+    decoded = window if world.tokenizer.decoder.config.is_temporal else window[:, -1:]
+    world.tokenizer.decode(decoded.reshape(1, decoded.shape[1], grid, grid))
     return window
 
 

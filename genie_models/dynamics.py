@@ -30,10 +30,25 @@ class DynamicsConfig:
     mask_rate_min: float = 0.5
     num_maskgit_steps: int = 25
     temperature: float = 1.0
+    # Jasmine (arXiv 2510.27002) found a per-frame action token, rather than the paper's action embedding
+    # added to every token, essential for faithful CoinRun rollouts; measured here too (README).
+    action_as_token: bool = True
+    # MaskGIT's head: logits are scores against the token embeddings, so "copy the token at this position
+    # in the previous frame" is an identity to learn rather than a 1024-way mapping.
+    tie_embeddings: bool = True
+    # A learned bonus on the logit of the token the previous frame had at the same position, starting at
+    # even odds against the rest of the vocabulary (log num_codes): the untrained model already plays
+    # "nothing changes" (the tokenized-copy baseline) and its capacity goes to what does change.
+    copy_previous_token: bool = True
 
     @property
     def mask_id(self) -> int:
         return self.num_codes
+
+    @property
+    def frame_length(self) -> int:
+        """Positions per frame inside the transformer: the frame's tokens, plus its action token if any."""
+        return self.tokens_per_frame + int(self.action_as_token)
 
     @property
     def no_action_id(self) -> int:
@@ -64,14 +79,42 @@ class DynamicsModel(nn.Module):
         self.config = config
         self.token_embed = nn.Embedding(config.num_codes + 1, config.d_model)  # + the mask token
         self.action_embed = nn.Embedding(config.num_actions + 1, config.d_model)  # + "no action"
-        self.position = nn.Parameter(torch.randn(config.tokens_per_frame, config.d_model) * 0.02)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.action_embed.weight, std=0.02)
+        self.position = nn.Parameter(torch.randn(config.frame_length, config.d_model) * 0.02)
         self.transformer = STTransformer(config.transformer_config())
-        self.head = nn.Linear(config.d_model, config.num_codes)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.num_codes)
+        self.head_bias = nn.Parameter(torch.zeros(config.num_codes)) if config.tie_embeddings else None
+        self.copy_logit = (nn.Parameter(torch.tensor(math.log(config.num_codes)))
+                           if config.copy_previous_token else None)
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
-        """tokens [B, T, S] (mask_id where unknown), actions [B, T] leading into each frame -> logits [B, T, S, V]."""
-        x = self.token_embed(tokens) + self.position + self.action_embed(actions)[:, :, None, :]
-        return self.head(self.transformer(x, cache=cache))
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
+                previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T, S] (mask_id where unknown), actions [B, T] leading into each frame -> logits [B, T, S, V].
+
+        previous_tokens [B, T, S]: each frame's predecessor's tokens for the copy bonus (mask_id: none);
+        by default the input's own previous frames, and none for the first.
+        """
+        logits = self._logits(tokens, actions, cache)
+        if self.copy_logit is None:
+            return logits
+        if previous_tokens is None:
+            none = torch.full_like(tokens[:, :1], self.config.mask_id)
+            previous_tokens = torch.cat([none, tokens[:, :-1]], dim=1)
+        known = previous_tokens != self.config.mask_id
+        bonus = (self.copy_logit * known).to(logits.dtype)
+        return logits.scatter_add(-1, previous_tokens.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
+
+    def _logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+        x = self.token_embed(tokens)
+        action = self.action_embed(actions)[:, :, None, :]  # [B, T, 1, D]
+        x = torch.cat([action, x], dim=2) if self.config.action_as_token else x + action  # [B, T, frame_length, D]
+        x = self.transformer(x + self.position, cache=cache)
+        if self.config.action_as_token:
+            x = x[:, :, 1:]
+        if self.head is not None:
+            return self.head(x)
+        return x @ self.token_embed.weight[:self.config.num_codes].T + self.head_bias
 
     def loss(self, tokens: torch.Tensor, actions: torch.Tensor) -> DynamicsLoss:
         """tokens [B, T, S] of a clip, actions [B, T-1] per transition -> loss on the masked tokens."""
@@ -84,7 +127,9 @@ class DynamicsModel(nn.Module):
         masked = (torch.rand(tokens.shape, device=tokens.device) < rate) & (frame_index >= first_target)
         inputs = torch.where(masked, self.config.mask_id, tokens)
         no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
-        logits = self(inputs, torch.cat([no_action, actions], dim=1))
+        # As at play time, a frame's predecessor is known when the frame is predicted (clean, not masked).
+        previous = torch.cat([torch.full_like(tokens[:, :1], self.config.mask_id), tokens[:, :-1]], dim=1)
+        logits = self(inputs, torch.cat([no_action, actions], dim=1), previous_tokens=previous)
         loss = F.cross_entropy(logits[masked].float(), tokens[masked])
         accuracy = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
         return DynamicsLoss(loss, accuracy)

@@ -67,3 +67,38 @@ def reconstruction_image(world: WorldModel, frames: np.ndarray, scale: int = 2) 
     top = np.concatenate([_upscale(frame, scale) for frame in frames], axis=1)
     bottom = np.concatenate([_upscale(frame, scale) for frame in decoded], axis=1)
     return Image.fromarray(np.concatenate([top, bottom], axis=0))
+
+
+def frame_strip(frames: np.ndarray, columns: int, scale: int = 2) -> Image.Image:
+    """frames uint8 [N, H, W, 3] -> one picture, `columns` frames per row, in order."""
+    rows = -(-len(frames) // columns)
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
+    canvas = Image.new("RGB", (columns * width, rows * height), "black")
+    for index, frame in enumerate(frames):
+        canvas.paste(Image.fromarray(_upscale(frame, scale)), ((index % columns) * width, (index // columns) * height))
+    return canvas
+
+
+def drawn_prompts(size: int) -> dict[str, np.ndarray]:
+    """Pictures from outside any training set, made here (nothing is downloaded): a line drawing on
+    paper, a photo-like landscape with soft gradients and noise, and a flat-colour cartoon."""
+    rng = np.random.default_rng(0)
+    drawing = Image.new("RGB", (size, size), (245, 242, 232))
+    pen = ImageDraw.Draw(drawing)
+    unit = size / 64
+    pen.rectangle((14 * unit, 30 * unit, 42 * unit, 54 * unit), outline=(20, 20, 20), width=max(1, int(unit)))
+    pen.polygon(((10 * unit, 30 * unit), (28 * unit, 14 * unit), (46 * unit, 30 * unit)), outline=(20, 20, 20))
+    pen.ellipse((48 * unit, 6 * unit, 60 * unit, 18 * unit), outline=(200, 120, 0), width=max(1, int(unit)))
+    pen.line((0, 56 * unit, size, 56 * unit), fill=(40, 120, 40), width=max(1, int(unit)))
+    y, x = np.mgrid[0:size, 0:size] / size
+    sky = np.stack([0.45 + 0.3 * y, 0.6 + 0.25 * y, 0.95 - 0.1 * y], axis=-1)
+    ground = np.stack([0.25 + 0.1 * x, 0.45 + 0.1 * np.sin(8 * x), 0.15 + 0.0 * x], axis=-1)
+    hills = y > 0.6 + 0.08 * np.sin(6 * x)
+    photo = np.where(hills[..., None], ground, sky) + rng.normal(0, 0.03, (size, size, 3))
+    cartoon = Image.new("RGB", (size, size), (90, 170, 230))
+    brush = ImageDraw.Draw(cartoon)
+    brush.rectangle((0, 44 * unit, size, size), fill=(120, 80, 40))
+    brush.rectangle((8 * unit, 30 * unit, 24 * unit, 44 * unit), fill=(230, 200, 40))
+    brush.ellipse((36 * unit, 22 * unit, 52 * unit, 38 * unit), fill=(220, 40, 60))
+    return {"drawing": np.asarray(drawing), "photo": (photo.clip(0, 1) * 255).astype(np.uint8),
+            "cartoon": np.asarray(cartoon)}

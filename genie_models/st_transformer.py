@@ -27,6 +27,11 @@ class STConfig:
     mlp_ratio: float = 4.0
 
     @property
+    def is_temporal(self) -> bool:
+        """With a one-frame window the blocks have no temporal attention: every frame is processed alone."""
+        return self.context_frames > 1
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
@@ -84,8 +89,8 @@ class TemporalKVCache:
 
     def __init__(self, config: STConfig, num_slots: int, tokens_per_frame: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        if config.context_frames < 2:
-            raise ValueError("a KV cache needs context_frames >= 2")
+        if not config.is_temporal:
+            raise ValueError("a KV cache needs context_frames >= 2 (a one-frame model keeps no temporal state)")
         self.config = config
         self.capacity = config.context_frames - 1
         shape = (config.num_layers, num_slots, tokens_per_frame, config.num_heads,
@@ -222,14 +227,15 @@ class STBlock(nn.Module):
         hidden = int(config.d_model * config.mlp_ratio)
         self.spatial_norm = nn.LayerNorm(config.d_model)
         self.spatial = SpatialAttention(config)
-        self.temporal_norm = nn.LayerNorm(config.d_model)
-        self.temporal = TemporalAttention(config, layer)
+        self.temporal_norm = nn.LayerNorm(config.d_model) if config.is_temporal else None
+        self.temporal = TemporalAttention(config, layer) if config.is_temporal else None
         self.mlp_norm = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(), nn.Linear(hidden, config.d_model))
 
-    def forward(self, x: torch.Tensor, frames: FramePositions, cache: CacheView | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: FramePositions | None, cache: CacheView | None) -> torch.Tensor:
         x = x + self.spatial(self.spatial_norm(x))
-        x = x + self.temporal(self.temporal_norm(x), frames, cache)
+        if self.temporal is not None:
+            x = x + self.temporal(self.temporal_norm(x), frames, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -244,6 +250,10 @@ class STTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CacheView | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.config.is_temporal:  # frames are independent: no positions, masks or cache
+            for block in self.blocks:
+                x = block(x, None, None)
+            return self.norm(x)
         batch, frames = x.shape[:2]
         if positions is None:
             positions = (cache.query_positions(frames) if cache is not None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from genie_models.dynamics import DynamicsModel, maskgit_sample
-from genie_models.st_transformer import STTransformer
+from genie_models.st_transformer import CacheView, STTransformer
 from genie_models.tokenizer import VideoTokenizer
 
 
@@ -22,11 +22,17 @@ class UnknownSession(KeyError):
 
 
 class SessionSlots:
-    """A temporal KV cache with one slot per session; the least recently used session is evicted when full."""
+    """One slot per session in a temporal KV cache; the least recently used session is evicted when full.
+
+    A model without temporal attention (a per-frame decoder) keeps no cache, only which sessions it knows,
+    so the "unknown session -> rebuild from history" contract is the same for every model.
+    """
 
     def __init__(self, transformer: STTransformer, tokens_per_frame: int, max_sessions: int,
                  device: torch.device | str, dtype: torch.dtype, evict_when_full: bool):
-        self.cache = transformer.new_cache(max_sessions, tokens_per_frame, device, dtype)
+        self.cache = (transformer.new_cache(max_sessions, tokens_per_frame, device, dtype)
+                      if transformer.config.is_temporal else None)
+        self.num_slots, self.device = max_sessions, torch.device(device)
         self.evict_when_full = evict_when_full
         self._slots: OrderedDict[Hashable, int] = OrderedDict()
         self._free = list(range(max_sessions - 1, -1, -1))
@@ -39,10 +45,11 @@ class SessionSlots:
         elif self.evict_when_full:
             _, slot = self._slots.popitem(last=False)
         else:
-            raise RuntimeError(f"all {self.cache.num_slots} session slots are in use")
+            raise RuntimeError(f"all {self.num_slots} session slots are in use")
         self._slots[key] = slot
-        slots = torch.tensor([slot], device=self.cache.positions.device)
-        self.cache.reset(slots)
+        slots = torch.tensor([slot], device=self.device)
+        if self.cache is not None:
+            self.cache.reset(slots)
         return slots
 
     def slots(self, keys: Sequence[Hashable]) -> torch.Tensor:
@@ -51,7 +58,10 @@ class SessionSlots:
             raise UnknownSession(missing)
         for key in keys:
             self._slots.move_to_end(key)
-        return torch.tensor([self._slots[key] for key in keys], device=self.cache.positions.device)
+        return torch.tensor([self._slots[key] for key in keys], device=self.device)
+
+    def view(self, slots: torch.Tensor, commit: bool = False) -> CacheView | None:
+        return self.cache.view(slots, commit) if self.cache is not None else None
 
     def close(self, key: Hashable) -> None:
         slot = self._slots.pop(key, None)
@@ -89,15 +99,19 @@ class DynamicsEngine:
                  dtype: torch.dtype = torch.float32, evict_when_full: bool = False):
         self.model, self.device = model, torch.device(device)
         self.config = model.config
-        self.sessions = SessionSlots(model.transformer, self.config.tokens_per_frame, max_sessions,
+        self.sessions = SessionSlots(model.transformer, self.config.frame_length, max_sessions,
                                      device, dtype, evict_when_full)
+        # Each session's newest frame tokens: the predecessor of the frame being sampled (copy bonus).
+        self.last_tokens = torch.full((max_sessions, self.config.tokens_per_frame), self.config.mask_id,
+                                      dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def start(self, session: Hashable, tokens: torch.Tensor, actions: torch.Tensor) -> None:
         """(Re)build a session's cache from its history: tokens [T, S], actions [T] leading into each frame."""
         slots = self.sessions.open(session)
-        view = self.sessions.cache.view(slots, commit=True)
+        view = self.sessions.view(slots, commit=True)
         self.model(tokens[None].to(self.device), actions[None].to(self.device), cache=view)
+        self.last_tokens[slots] = tokens[-1].to(self.device)
 
     @torch.no_grad()
     def step(self, requests: Sequence[StepRequest]) -> torch.Tensor:
@@ -116,10 +130,12 @@ class DynamicsEngine:
         temperature = torch.tensor([r.temperature for r in requests], device=self.device)
         uniforms = torch.stack([step_noise(r.seed, r.step_index, num_steps, self.config.tokens_per_frame)
                                 for r in requests]).to(self.device)
-        view = self.sessions.cache.view(slots)
-        tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, cache=view)[:, 0],
+        view = self.sessions.view(slots)
+        previous = self.last_tokens[slots][:, None]  # [B, 1, S]
+        tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, view, previous)[:, 0],
                                 self.config.mask_id, num_steps, temperature, uniforms)
         self.model(tokens[:, None], actions, cache=view.committing())
+        self.last_tokens[slots] = tokens
         return tokens
 
     def end(self, session: Hashable) -> None:
@@ -138,14 +154,13 @@ class FrameDecoder:
     @torch.no_grad()
     def start(self, session: Hashable, tokens: torch.Tensor) -> torch.Tensor:
         """(Re)build a session's cache from its frame tokens [T, h, w]; returns those frames decoded."""
-        slots = self.sessions.open(session)
-        view = self.sessions.cache.view(slots, commit=True)
+        view = self.sessions.view(self.sessions.open(session), commit=True)
         return self.tokenizer.decode_step(tokens[None].to(self.device), view)[0]
 
     @torch.no_grad()
     def decode(self, sessions: Sequence[Hashable], tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, h, w] of each session's next frame -> uint8 frames [B, H, W, 3]."""
-        view = self.sessions.cache.view(self.sessions.slots(sessions), commit=True)
+        view = self.sessions.view(self.sessions.slots(sessions), commit=True)
         return self.tokenizer.decode_step(tokens[:, None].to(self.device), view)[:, 0]
 
     def end(self, session: Hashable) -> None:

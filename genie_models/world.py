@@ -56,7 +56,7 @@ class WorldPool:
 
     @property
     def max_worlds(self) -> int:
-        return self.dynamics.sessions.cache.num_slots
+        return self.dynamics.sessions.num_slots
 
     @torch.no_grad()
     def create(self, prompt, seed: int = 0, num_maskgit_steps: int | None = None,
@@ -84,18 +84,23 @@ class WorldPool:
     @torch.no_grad()
     def step(self, actions: Mapping[int, int]) -> dict[int, np.ndarray]:
         """Advance each named world by its action in one batch -> {world id: uint8 frame [H, W, 3]}."""
+        return {world_id: frame for world_id, (frame, _) in self.step_with_tokens(actions).items()}
+
+    @torch.no_grad()
+    def step_with_tokens(self, actions: Mapping[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Like step, also returning each world's new frame tokens: {world id: (frame, tokens [h, w])}."""
         for world_id, action in actions.items():
             self._check(world_id, action)
         ids = list(actions)
         requests = [StepRequest(world_id, actions[world_id], self.worlds[world_id].seed,
                                 self.worlds[world_id].step_count, self.worlds[world_id].num_maskgit_steps,
                                 self.worlds[world_id].temperature) for world_id in ids]
-        tokens = self.dynamics.step(requests)
         grid = self.model.tokenizer.config.grid_size
-        frames = self.decoder.decode(ids, tokens.reshape(len(ids), grid, grid)).cpu().numpy()
+        tokens = self.dynamics.step(requests).reshape(len(ids), grid, grid)
+        frames = self.decoder.decode(ids, tokens).cpu().numpy()
         for world_id in ids:
             self.worlds[world_id].step_count += 1
-        return {world_id: frame for world_id, frame in zip(ids, frames)}
+        return {world_id: (frame, token) for world_id, frame, token in zip(ids, frames, tokens.cpu().numpy())}
 
     def _check(self, world_id: int, action: int) -> None:
         if world_id not in self.worlds:
@@ -130,14 +135,28 @@ class World:
         return self.pool.step({self.world_id: action})[self.world_id]
 
 
+@dataclass
+class Rollout:
+    frames: np.ndarray  # uint8 [B, t, H, W, 3] generated frames
+    tokens: np.ndarray  # int64 [B, t, h, w] their tokens
+
+
 @torch.no_grad()
-def rollout_actions(model: WorldModel, prompts: np.ndarray, actions: torch.Tensor, seed: int = 0) -> np.ndarray:
+def rollout(model: WorldModel, prompts: np.ndarray, actions: torch.Tensor, seed: int = 0,
+            num_maskgit_steps: int | None = None) -> Rollout:
     """Play one world per prompt frame [B, H, W, 3] through actions [B, t], all in one batch;
-    world i uses seed + i. Returns generated frames uint8 [B, t, H, W, 3]."""
+    world i uses seed + i."""
     pool = WorldPool(model, max_worlds=len(prompts), device=next(model.dynamics.parameters()).device)
-    ids = [pool.create(prompt, seed=seed + index)[0] for index, prompt in enumerate(prompts)]
-    frames = []
+    ids = [pool.create(prompt, seed=seed + index, num_maskgit_steps=num_maskgit_steps)[0]
+           for index, prompt in enumerate(prompts)]
+    frames, tokens = [], []
     for step in range(actions.shape[1]):
-        out = pool.step({world_id: int(actions[i, step]) for i, world_id in enumerate(ids)})
-        frames.append(np.stack([out[world_id] for world_id in ids]))
-    return np.stack(frames, axis=1)
+        out = pool.step_with_tokens({world_id: int(actions[i, step]) for i, world_id in enumerate(ids)})
+        frames.append(np.stack([out[world_id][0] for world_id in ids]))
+        tokens.append(np.stack([out[world_id][1] for world_id in ids]))
+    return Rollout(np.stack(frames, axis=1), np.stack(tokens, axis=1))
+
+
+def rollout_actions(model: WorldModel, prompts: np.ndarray, actions: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """The frames of `rollout`: uint8 [B, t, H, W, 3]."""
+    return rollout(model, prompts, actions, seed).frames

@@ -32,13 +32,19 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
+# Fields added after checkpoints were first written: a checkpoint without them was trained with the
+# behaviour these values select, which is not always today's default.
+_LEGACY_DEFAULTS: dict[type, dict[str, Any]] = {LAMConfig: {"predict_residual": False}, DynamicsConfig: {"action_as_token": False, "tie_embeddings": False,
+                                                     "copy_previous_token": False}}
+
+
 def config_from_dict(config_type: type, values: dict[str, Any]):
     """Rebuild a config dataclass, refusing unknown keys so a mismatched checkpoint fails loudly."""
     known = {f.name for f in fields(config_type)}
     unknown = set(values) - known
     if unknown:
         raise CheckpointError(f"unknown {config_type.__name__} fields in checkpoint: {sorted(unknown)}")
-    return config_type(**values)
+    return config_type(**(_LEGACY_DEFAULTS.get(config_type, {}) | values))
 
 
 def dynamics_config_for(tokenizer: TokenizerConfig, lam: LAMConfig, base: DynamicsConfig) -> DynamicsConfig:
@@ -59,7 +65,9 @@ class WorldModel:
         """Untrained models of a preset; context_frames, if given, replaces every model's temporal window."""
         configs = TOKENIZER_PRESETS[name], LAM_PRESETS[name], DYNAMICS_PRESETS[name]
         if context_frames is not None:
-            configs = tuple(replace(config, context_frames=context_frames) for config in configs)
+            # Per-frame models (a window of one frame) stay per-frame.
+            configs = tuple(replace(config, context_frames=context_frames) if config.context_frames > 1 else config
+                            for config in configs)
         tokenizer_config, lam_config, base = configs
         dynamics_config = dynamics_config_for(tokenizer_config, lam_config, base)
         return cls(VideoTokenizer(tokenizer_config), LatentActionModel(lam_config), DynamicsModel(dynamics_config))

@@ -1,7 +1,10 @@
-"""Stage 2: co-train the latent action model and the MaskGIT dynamics model on tokenized clips.
+"""Stage 2: the latent action model and the MaskGIT dynamics model on tokenized clips.
 
 The LAM learns actions from pixels; dynamics learns to predict the next frame's tokens given the LAM's
-(detached) action codes. The result, with the frozen tokenizer, is a complete playable world.
+(detached) action codes. The paper co-trains the two from the start; a preset may instead give the LAM a
+phase of its own first (`LAM_FIRST`) and then train dynamics against the frozen LAM, so that the
+dynamics model sees informative, stationary actions from its first step. The result, with the frozen
+tokenizer, is a complete playable world.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from genie_models.data import ClipSampler, EpisodeDataset
 from genie_models.dynamics import DynamicsConfig, DynamicsModel
 from genie_models.lam import LAMConfig, LatentActionModel
 from genie_models.tokenizer import VideoTokenizer
-from genie_models.training.common import (Progress, RunCheckpoints, TrainConfig, autocast, make_optimizer,
-                                          optimizer_step, setup_distributed, wrap_for_training)
+from genie_models.training.common import (Distributed, Progress, RunCheckpoints, TrainConfig, autocast,
+                                          make_optimizer, optimizer_step, setup_distributed, wrap_for_training)
 from genie_models.world_model import WORLD_KIND, WorldModel, dynamics_config_for
 
 DYNAMICS_TRAINING = {
@@ -27,18 +30,44 @@ DYNAMICS_TRAINING = {
 }
 
 
-class CoTrained(torch.nn.Module):
-    """LAM + dynamics as one module, so DDP synchronises both with one wrapper."""
+LAM_KIND = "genie-lam"
 
-    def __init__(self, lam: LatentActionModel, dynamics: DynamicsModel):
+# The LAM's own phase before dynamics (None: co-trained with dynamics from the start, as in the paper).
+# Tiny: minutes of CPU do not let a co-trained LAM settle before the dynamics model has learned to
+# ignore its still-random actions (README, "Why the world works").
+LAM_FIRST = {
+    "tiny": TrainConfig(steps=300, batch_size=8, clip_length=8, learning_rate=1e-3, warmup_steps=25,
+                        final_learning_rate=1e-4, checkpoint_every=150),
+    "coinrun": None,
+}
+
+
+class CoTrained(torch.nn.Module):
+    """LAM + dynamics as one module, so DDP synchronises both with one wrapper; with train_lam=False
+    the LAM only labels transitions (frozen) and only dynamics learns."""
+
+    def __init__(self, lam: LatentActionModel, dynamics: DynamicsModel, train_lam: bool = True):
         super().__init__()
-        self.lam, self.dynamics = lam, dynamics
+        self.lam, self.dynamics, self.train_lam = lam, dynamics, train_lam
 
     def forward(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.train_lam:
+            out = self.dynamics.loss(tokens, self.lam.infer_actions(frames))
+            return {"loss": out.loss, "dynamics_loss": out.loss, "token_accuracy": out.accuracy}
         lam_out = self.lam(frames)
         dynamics_out = self.dynamics.loss(tokens, lam_out.vq.ids.detach())
         return {"loss": lam_out.loss + dynamics_out.loss, "lam_loss": lam_out.loss,
                 "dynamics_loss": dynamics_out.loss, "token_accuracy": dynamics_out.accuracy}
+
+
+class LAMOnly(torch.nn.Module):
+    def __init__(self, lam: LatentActionModel):
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.lam(frames)
+        return {"loss": out.loss, "lam_loss": out.loss}
 
 
 @dataclass
@@ -49,32 +78,52 @@ class DynamicsRun:
 
 def train_dynamics(dataset: EpisodeDataset, tokenizer: VideoTokenizer, lam_config: LAMConfig,
                    dynamics_config: DynamicsConfig, config: TrainConfig, run_dir: Path,
-                   device: str | None = None, progress: bool = True) -> DynamicsRun:
+                   device: str | None = None, progress: bool = True,
+                   lam_first: TrainConfig | None = None) -> DynamicsRun:
+    """Train LAM + dynamics; with lam_first, the LAM trains alone first (checkpoints in run_dir/lam),
+    then dynamics trains against it frozen. Every phase resumes from its latest checkpoint."""
     env = setup_distributed(device)
     torch.manual_seed(config.seed)
     tokenizer = tokenizer.to(env.device).eval().requires_grad_(False)
     lam = LatentActionModel(lam_config)
     dynamics = DynamicsModel(dynamics_config_for(tokenizer.config, lam_config, dynamics_config))
-    pair = CoTrained(lam, dynamics)
-    model = wrap_for_training(pair, env)
-    optimizer = make_optimizer([pair], config)
-    named = {"tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
-    checkpoints = RunCheckpoints(run_dir, WORLD_KIND)
-    start = checkpoints.resume(named, optimizer, env.device)
-    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + env.rank + start)
-    bar = Progress("lam+dynamics", start, config.steps, config.batch_size * config.clip_length * env.world_size,
-                   progress and env.is_main)
     world = WorldModel(tokenizer, lam, dynamics)
+    if lam_first is not None:
+        _train_phase("lam", LAMOnly(lam), {"lam": lam}, dataset, None, lam_first,
+                     RunCheckpoints(Path(run_dir) / "lam", LAM_KIND), {"lam": asdict(lam_config), "training": asdict(lam_first)},
+                     env, progress)
+        lam.eval().requires_grad_(False)
+    pair = CoTrained(lam, dynamics, train_lam=lam_first is None)
+    named = {"tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
+    metrics = _train_phase("lam+dynamics" if lam_first is None else "dynamics", pair, named, dataset, tokenizer,
+                           config, RunCheckpoints(run_dir, WORLD_KIND), world.configs() | {"training": asdict(config)},
+                           env, progress)
+    return DynamicsRun(world.eval(), metrics)
+
+
+def _train_phase(name: str, trained: torch.nn.Module, saved: dict[str, torch.nn.Module], dataset: EpisodeDataset,
+                 tokenizer: VideoTokenizer | None, config: TrainConfig, checkpoints: RunCheckpoints,
+                 manifest_config: dict, env: Distributed, progress: bool) -> dict[str, float]:
+    """One resumable training loop over clips: `trained(frames, tokens)` returns its losses."""
+    model = wrap_for_training(trained, env)
+    optimizer = make_optimizer([trained], config)
+    start = checkpoints.resume(saved, optimizer, env.device)
+    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + env.rank + start)
+    bar = Progress(name, start, config.steps, config.batch_size * config.clip_length * env.world_size,
+                   progress and env.is_main)
+    lam = getattr(trained, "lam", None)
     metrics: dict[str, float] = {}
     for step in range(start, config.steps):
         frames = sampler.sample(config.batch_size).to(env.device, non_blocking=True)
         with autocast(env, config):
-            tokens = tokenizer.encode(frames).flatten(2)  # [B, T, S]
+            tokens = tokenizer.encode(frames).flatten(2) if tokenizer is not None else None  # [B, T, S]
             out = model(frames, tokens)
-        optimizer_step(out["loss"], optimizer, [pair], step, config)
-        metrics = {name: value.item() for name, value in out.items()} | {"actions_used": lam.vq.usage_fraction()}
+        optimizer_step(out["loss"], optimizer, [trained], step, config)
+        metrics = {key: value.item() for key, value in out.items()}
+        if lam is not None:
+            metrics["actions_used"] = lam.vq.usage_fraction()
         metrics["frames_per_second"] = bar.update(metrics)
         if env.is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            checkpoints.save(named, optimizer, step + 1, world.configs() | {"training": asdict(config)}, metrics)
+            checkpoints.save(saved, optimizer, step + 1, manifest_config, metrics)
     bar.close()
-    return DynamicsRun(world.eval(), metrics)
+    return metrics

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from genie_models.data.sample_videos import write_video
 from genie_models.data.shards import DatasetError
 from genie_models.data.video_folder import ingest_video_folder, resize_square
 
@@ -30,14 +31,7 @@ def moving_square(num_frames: int = NUM_FRAMES, height: int = HEIGHT, width: int
 
 
 def encode(path: Path, frames: np.ndarray, codec: str = "libx264", fps: int = FPS) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    return write_video(frames, path, fps=fps, codec=codec)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -54,7 +54,7 @@ def test_cached_step_logits_match_full_context_recomputation(dynamics_config):
     engine = DynamicsEngine(model, max_sessions=2)
     engine.start("w", history[0], history_actions[0])
     slots = engine.sessions.slots(["w"])
-    cached = model(new_frame, action, cache=engine.sessions.cache.view(slots))[:, 0]
+    cached = model(new_frame, action, cache=engine.sessions.view(slots), previous_tokens=history[:, -1:])[:, 0]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
 
 
@@ -75,3 +75,28 @@ def test_engine_steps_are_reproducible_and_batch_independent(dynamics_config):
     batched = run(["b", "a", "c"])
     assert torch.equal(alone[0], batched[1])
     assert not torch.equal(batched[0], batched[1])  # a different seed samples differently
+
+
+def test_the_action_token_variant_and_the_added_embedding_variant_both_steer_and_cache(dynamics_config):
+    from dataclasses import replace
+    for config in (dynamics_config, replace(dynamics_config, action_as_token=False, tie_embeddings=False)):
+        model = DynamicsModel(config).eval()
+        tokens = torch.randint(0, 64, (1, 2, 16))
+        left = model(tokens, torch.tensor([[config.no_action_id, 0]]))[:, -1]
+        right = model(tokens, torch.tensor([[config.no_action_id, 1]]))[:, -1]
+        assert left.shape == (1, 16, config.num_codes)
+        assert not torch.allclose(left, right)  # the action reaches the frame it led to
+        engine = DynamicsEngine(model, max_sessions=1)
+        engine.start("w", tokens[0, :1], torch.tensor([config.no_action_id]))
+        assert engine.sessions.cache.keys.shape[2] == config.frame_length
+
+
+def test_an_untrained_model_already_prefers_the_previous_frames_token(dynamics_config):
+    model = DynamicsModel(dynamics_config).eval()
+    previous = torch.randint(0, 64, (1, 1, 16))
+    masked = torch.full((1, 1, 16), dynamics_config.mask_id)
+    tokens = torch.cat([previous, masked], dim=1)
+    logits = model(tokens, torch.tensor([[dynamics_config.no_action_id, 0]]))[:, -1]
+    assert torch.equal(logits.argmax(-1), previous[:, 0])  # the copy bonus: "nothing changes" by default
+    chance = logits.softmax(-1).gather(-1, previous[:, 0, :, None]).mean()
+    assert 0.3 < float(chance) < 0.7  # even odds against the rest of the vocabulary, not a certainty

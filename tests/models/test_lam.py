@@ -34,3 +34,10 @@ def test_lam_learns_distinct_actions_for_distinct_motions(lam_config):
     assert actions[0, 0] != actions[1, 0]
     # Copying the previous frame scores 0.0625 here; only a model using the action gets far below.
     assert lam(clips).loss.item() < 0.03
+
+
+def test_an_untrained_lam_predicts_that_nothing_changes(lam_config):
+    lam = LatentActionModel(lam_config).eval()
+    clip = torch.randint(0, 256, (1, 3, 16, 16, 3), dtype=torch.uint8)
+    prediction = lam(clip).prediction  # frames 2..3, predicted from frames 1..2 and the actions
+    torch.testing.assert_close(prediction, clip[:, :-1].float() / 255)

@@ -51,12 +51,17 @@ def test_both_stages_train_resume_evaluate_and_render(dataset, tmp_path):
     world = WorldModel.load(tmp_path / "world")  # a run directory resolves to its latest checkpoint
     assert world.num_actions == 4 and world.dynamics.config.num_codes == TOKENIZER.num_codes
 
-    metrics = evaluate_world(world, dataset, EvalConfig(num_clips=3, horizon=2, batch_size=2))
-    for name in ("reconstruction_psnr", "reconstruction_ssim", "generation_psnr", "delta_t_psnr", "action_nmi"):
+    metrics = evaluate_world(world, dataset, EvalConfig(num_clips=3, horizon=2, delta_t_horizons=(2,), batch_size=2))
+    names = ["reconstruction_psnr", "reconstruction_ssim", "delta_t_psnr_t2", "delta_t_psnr_t2_stderr", "action_nmi",
+             "token_change_rate_generated", "token_change_rate_real"]
+    names += [f"{series}_t{t}" for t in (1, 2) for series in
+              ("generation_psnr", "copy_prompt_psnr", "copy_tokenized_prompt_psnr", "generation_ssim")]
+    for name in names:
         assert np.isfinite(metrics[name]), name
-    assert metrics["num_clips"] == 3
+    assert metrics["num_clips"] == 3 and "delta_t_psnr_t4" not in metrics  # beyond the horizon
     table = write_metrics(metrics, tmp_path / "metrics.json")
-    assert "delta_t_psnr" in table and json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert "delta_t_psnr_t2" in table and "copy tokenized" in table
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
     prompts = next(iterate_heldout(dataset, 1, 2, batch_size=2)).frames[:, 0].numpy()
     grid = action_grid_frames(world, prompts, num_steps=3)
@@ -66,3 +71,19 @@ def test_both_stages_train_resume_evaluate_and_render(dataset, tmp_path):
     assert (tmp_path / "grid.gif").stat().st_size > 0 and (tmp_path / "grid.mp4").stat().st_size > 0
     picture = reconstruction_image(world, prompts)
     assert picture.size == (2 * 64 * 2, 2 * 64 * 2)
+
+
+def test_a_lam_first_recipe_trains_the_lam_alone_then_keeps_it_frozen(dataset, tmp_path):
+    from genie_models.checkpoints import load_checkpoint
+    from genie_models.tokenizer import VideoTokenizer
+    tokenizer = VideoTokenizer(replace(TOKENIZER, context_frames=1))
+    lam_first = replace(TRAIN, steps=4, checkpoint_every=4)
+    run = train_dynamics(dataset, tokenizer, LAM, DYNAMICS, TRAIN, tmp_path / "world", "cpu", progress=False,
+                         lam_first=lam_first)
+    assert set(run.metrics) >= {"dynamics_loss", "token_accuracy"} and "lam_loss" not in run.metrics
+    lam_checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "world" / "lam"))
+    assert lam_checkpoint.manifest.step == 4 and lam_checkpoint.manifest.kind == "genie-lam"
+    for name, tensor in lam_checkpoint.tensors("lam").items():  # dynamics training left the LAM as it was
+        torch.testing.assert_close(run.world.lam.state_dict()[name], tensor)
+    world = WorldModel.load(tmp_path / "world")
+    assert world.dynamics.config.action_as_token and world.dynamics.config.copy_previous_token

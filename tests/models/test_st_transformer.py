@@ -70,3 +70,16 @@ def test_cache_memory_is_flat_over_thousands_of_steps(transformer):
     assert cache.nbytes() == size
     assert int(cache.next_position[0]) == 2000
     assert torch.isfinite(out).all()
+
+
+def test_a_one_frame_window_processes_every_frame_alone():
+    per_frame = STTransformer(STConfig(num_layers=2, d_model=32, num_heads=4, context_frames=1)).eval()
+    assert all(block.temporal is None for block in per_frame.blocks)
+    x = torch.randn(2, 3, 5, 32)
+    changed = x.clone()
+    changed[:, 0] = torch.randn(2, 5, 32)
+    out, out_changed = per_frame(x), per_frame(changed)
+    torch.testing.assert_close(out[:, 1:], out_changed[:, 1:])  # other frames never see frame 0
+    torch.testing.assert_close(out[:, 2:], per_frame(x[:, 2:]))
+    with pytest.raises(ValueError, match="context_frames >= 2"):
+        per_frame.new_cache(num_slots=1, tokens_per_frame=5)

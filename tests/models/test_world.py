@@ -108,3 +108,22 @@ def test_world_checkpoint_round_trip_and_tamper_refusal(world_model, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="dynamics.safetensors"):
         WorldModel.load(tmp_path / "world")
+
+
+def test_a_per_frame_tokenizer_decodes_each_step_without_a_cache(tokenizer_config, lam_config, dynamics_config):
+    from dataclasses import replace
+
+    from genie_models.world import rollout
+    per_frame = replace(tokenizer_config, context_frames=1)
+    dynamics = dynamics_config_for(per_frame, lam_config, dynamics_config)
+    model = WorldModel(VideoTokenizer(per_frame), LatentActionModel(lam_config), DynamicsModel(dynamics)).eval()
+    played = rollout(model, np.stack([_image(16, 16, seed) for seed in (0, 1)]), torch.tensor([[0, 1, 2], [3, 2, 1]]))
+    assert played.frames.shape == (2, 3, 16, 16, 3) and played.tokens.shape == (2, 3, 4, 4)
+    # Each generated frame is exactly its tokens decoded alone: no hidden temporal state in the decoder.
+    alone = model.tokenizer.decode(torch.from_numpy(played.tokens)).numpy()
+    np.testing.assert_array_equal(played.frames, alone)
+    pool = WorldPool(model, max_worlds=1)
+    world_id, _ = pool.create(_image(16, 16))
+    assert pool.decoder.sessions.cache is None and world_id in pool.decoder.sessions
+    pool.close(world_id)
+    assert world_id not in pool.decoder.sessions
