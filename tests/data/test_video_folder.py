@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image

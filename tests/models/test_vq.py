@@ -36,3 +36,12 @@ def test_dead_codes_are_restarted_and_usage_spreads():
     assert used >= 24, f"only {used} of 32 codes in use"
     assert vq.usage_fraction() > 0.7
     assert vq.perplexity() > 16
+
+
+def test_sticky_codes_keep_a_previous_code_only_within_the_margin():
+    from genie_models.vq import sticky_codes
+    # One position, three frames, three codes. Frame 1's best code (2) beats frame 0's code (0) by 0.01:
+    # kept. Frame 2's best code (1) beats the kept code 0 by 0.3: switched.
+    similarity = torch.tensor([[[[0.9, 0.1, 0.2]], [[0.80, 0.0, 0.81]], [[0.5, 0.8, 0.0]]]])
+    assert sticky_codes(similarity, margin=0.02).flatten().tolist() == [0, 0, 1]
+    assert sticky_codes(similarity, margin=0.0).flatten().tolist() == [0, 2, 1]  # plain nearest codes
