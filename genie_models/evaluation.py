@@ -132,7 +132,8 @@ def prompt_fidelity(world: WorldModel, prompts: dict[str, np.ndarray], num_steps
     generator = torch.Generator().manual_seed(seed)
     actions = torch.randint(0, world.num_actions, (len(images), num_steps), generator=generator)
     played = rollout(world, images, actions, seed)
-    similarity = psnr(torch.from_numpy(played.frames), torch.from_numpy(images)[:, None]).mean(dim=0)
+    generated = torch.from_numpy(played.frames)
+    similarity = psnr(generated, torch.from_numpy(images)[:, None].expand_as(generated)).mean(dim=0)
     return played, {f"outside_prompt_psnr_t{t + 1}": float(v) for t, v in enumerate(similarity)}
 
 

@@ -106,3 +106,4 @@ class LatentActionModel(nn.Module):
     def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
         """Label every transition of frames [B, T, H, W, 3] with an action id -> [B, T-1]."""
         return self.vq.nearest(self._action_latents(to_unit_range(frames) * 2 - 1))
+
