@@ -50,9 +50,10 @@ def _add_train(subparsers) -> None:
     for stage, text in (("tokenizer", "stage 1: the video tokenizer"),
                         ("dynamics", "stage 2: latent actions + dynamics (needs a trained tokenizer)")):
         parser = train.add_parser(stage, help=text, description=f"{text}. Resumes from RUN's latest checkpoint; "
-                                  "launch with torchrun for DDP on several GPUs.")
+                                  "launch with torchrun for DDP on several GPUs (spell --run as --run-dir there).")
         parser.add_argument("--data", type=Path, required=True, help="dataset directory (genie data ...)")
-        parser.add_argument("--run", type=Path, required=True, help="run directory for checkpoints")
+        # --run-dir: the spelling for torchrun, whose argument parser takes --run for its own --run-path.
+        parser.add_argument("--run", "--run-dir", type=Path, required=True, help="run directory for checkpoints")
         parser.add_argument("--preset", choices=PRESETS, default="tiny")
         parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
         parser.add_argument("--batch-size", type=int, default=None, help="override the preset's clips per step")
