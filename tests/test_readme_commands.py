@@ -1,6 +1,10 @@
-"""Every command the README documents, run the way the README writes it: the line is taken from README.md and
-run by bash in a scratch working directory (so its relative paths work as written), with only size flags
-appended (argparse keeps the last value of a repeated option) so each runs in seconds on 2 CPU cores.
+"""The README's commands, run the way the README writes them: each line is taken from README.md and run by bash in
+a scratch working directory (so its relative paths work as written), with flags appended only for size, output
+folders and loopback ports (argparse keeps the last value of a repeated option), so each runs in seconds.
+
+Elsewhere: `make serve` (tests/services/test_serve_stack.py), `make test` (this suite). Not run by a test:
+`make demo` (~11 minutes), `bench/bench_models.py` (~40 CPU seconds even at one repeat), `bench/bench_serving.py`
+(starts Triton per backend) and `bench/gpu.sh` (needs a GPU).
 """
 
 from __future__ import annotations
