@@ -111,7 +111,7 @@ def test_readme_eval_line_writes_metrics_json_and_prints_the_table(demo_dir):
     result = run_line(readme_command(TRAINING_HEADING, "genie eval"), demo_dir, "--clips", "2", "--horizon", "2")
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     assert metrics["num_clips"] == 2 and 0 < metrics["reconstruction_psnr"] < 60
-    assert "reconstruction_psnr" in result.stdout and "delta_t_psnr" in result.stdout
+    assert "reconstruction_ssim" in result.stdout and "copy prompt" in result.stdout  # the table, per horizon
 
 
 def test_readme_render_line_writes_an_action_grid_gif(demo_dir):
