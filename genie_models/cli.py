@@ -24,13 +24,13 @@ def _add_data(subparsers) -> None:
     coinrun.add_argument("--steps", type=int, default=120, help="actions per episode (fewer if the level ends)")
     coinrun.add_argument("--heldout-fraction", type=float, default=0.1)
     coinrun.add_argument("--seed", type=int, default=0)
-    coinrun.set_defaults(run=_run_data_coinrun)
+    coinrun.set_defaults(handler=_run_data_coinrun)
     videos = data.add_parser("videos", help="ingest a folder of ordinary video files (mp4, webm, mkv, ...)")
     videos.add_argument("src", type=Path, help="folder searched recursively for videos")
     videos.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     videos.add_argument("--size", type=int, default=64, help="square frame size after center crop + resize")
     videos.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate")
-    videos.set_defaults(run=_run_data_videos)
+    videos.set_defaults(handler=_run_data_videos)
 
 
 def _run_data_coinrun(args) -> None:
@@ -50,21 +50,26 @@ def _add_train(subparsers) -> None:
     for stage, text in (("tokenizer", "stage 1: the video tokenizer"),
                         ("dynamics", "stage 2: latent actions + dynamics (needs a trained tokenizer)")):
         parser = train.add_parser(stage, help=text, description=f"{text}. Resumes from RUN's latest checkpoint; "
-                                  "launch with torchrun for DDP on several GPUs.")
+                                  "launch with torchrun for DDP on several GPUs (spell --run as --run-dir there).")
         parser.add_argument("--data", type=Path, required=True, help="dataset directory (genie data ...)")
-        parser.add_argument("--run", type=Path, required=True, help="run directory for checkpoints")
+        # --run-dir: the spelling for torchrun, whose argument parser takes --run for its own --run-path.
+        parser.add_argument("--run", "--run-dir", type=Path, required=True, help="run directory for checkpoints")
         parser.add_argument("--preset", choices=PRESETS, default="tiny")
         parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+        parser.add_argument("--batch-size", type=int, default=None, help="override the preset's clips per step")
+        parser.add_argument("--clip-length", type=int, default=None, help="override the preset's frames per clip")
         parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         if stage == "dynamics":
             parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer run or checkpoint dir")
             parser.add_argument("--world-out", type=Path, default=None, help="also export the world here")
-        parser.set_defaults(run=_run_train_tokenizer if stage == "tokenizer" else _run_train_dynamics)
+        parser.set_defaults(handler=_run_train_tokenizer if stage == "tokenizer" else _run_train_dynamics)
 
 
-def _with_steps(config, steps: int | None):
+def _training_config(preset, args):
+    """The preset's TrainConfig with the sizes given on the command line (--steps, --batch-size, --clip-length)."""
     from dataclasses import replace
-    return config if steps is None else replace(config, steps=steps)
+    overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "clip_length")}
+    return replace(preset, **{name: value for name, value in overrides.items() if value is not None})
 
 
 def _run_train_tokenizer(args) -> None:
@@ -72,7 +77,7 @@ def _run_train_tokenizer(args) -> None:
     from genie_models.tokenizer import TOKENIZER_PRESETS
     from genie_models.training.tokenizer import TOKENIZER_TRAINING, train_tokenizer
     run = train_tokenizer(EpisodeDataset.open(args.data), TOKENIZER_PRESETS[args.preset],
-                          _with_steps(TOKENIZER_TRAINING[args.preset], args.steps), args.run, args.device)
+                          _training_config(TOKENIZER_TRAINING[args.preset], args), args.run, args.device)
     print(run.metrics)
 
 
@@ -83,7 +88,7 @@ def _run_train_dynamics(args) -> None:
     from genie_models.training.dynamics import DYNAMICS_TRAINING, train_dynamics
     from genie_models.training.tokenizer import load_tokenizer
     run = train_dynamics(EpisodeDataset.open(args.data), load_tokenizer(args.tokenizer), LAM_PRESETS[args.preset],
-                         DYNAMICS_PRESETS[args.preset], _with_steps(DYNAMICS_TRAINING[args.preset], args.steps),
+                         DYNAMICS_PRESETS[args.preset], _training_config(DYNAMICS_TRAINING[args.preset], args),
                          args.run, args.device)
     if args.world_out:
         run.world.save(args.world_out, step=args.steps or DYNAMICS_TRAINING[args.preset].steps, metrics=run.metrics)
@@ -95,25 +100,29 @@ def _add_world_commands(subparsers) -> None:
     evaluate.add_argument("--world", type=Path, required=True, help="world checkpoint (or its run directory)")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, default=Path("metrics.json"))
-    evaluate.add_argument("--clips", type=int, default=64)
-    evaluate.set_defaults(run=_run_eval)
+    evaluate.add_argument("--clips", type=int, default=64, help="held-out clips to evaluate")
+    evaluate.add_argument("--horizon", type=int, default=None,
+                          help="frames generated after the prompt frame (default: the evaluation's own)")
+    evaluate.set_defaults(handler=_run_eval)
     render = subparsers.add_parser("render", help="render an action grid (GIF/MP4) from prompt images")
     render.add_argument("--world", type=Path, required=True)
     render.add_argument("--image", type=Path, nargs="+", required=True, help="prompt image(s), any size")
     render.add_argument("--steps", type=int, default=12)
     render.add_argument("--out", type=Path, default=Path("action_grid.gif"), help=".gif or .mp4")
-    render.set_defaults(run=_run_render)
-    play = subparsers.add_parser("play", help="play a world in the terminal: type action numbers, frames are saved")
+    render.set_defaults(handler=_run_render)
+    play = subparsers.add_parser("play", help="play a world in the terminal: type action numbers, frames are "
+                                 "shown and saved; q, quit, exit, Ctrl-D or Ctrl-C to stop")
     play.add_argument("--world", type=Path, required=True)
     play.add_argument("--image", type=Path, required=True, help="prompt image, any size")
     play.add_argument("--seed", type=int, default=0)
     play.add_argument("--out", type=Path, default=Path("play"), help="folder for frame PNGs and play.gif")
-    play.set_defaults(run=_run_play)
+    play.add_argument("--no-show", dest="show", action="store_false", help="do not draw frames in the terminal")
+    play.set_defaults(handler=_run_play)
     demo = subparsers.add_parser("demo", help="the main job: data, training, evaluation and pictures")
     demo.add_argument("--preset", choices=PRESETS, default="tiny")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.add_argument("--device", default=None)
-    demo.set_defaults(run=_run_demo)
+    demo.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args) -> None:
@@ -125,7 +134,8 @@ def _run_eval(args) -> None:
     from genie_models.data import EpisodeDataset
     from genie_models.evaluation import EvalConfig, evaluate_world, write_metrics
     from genie_models.world_model import WorldModel
-    metrics = evaluate_world(WorldModel.load(args.world), EpisodeDataset.open(args.data), EvalConfig(num_clips=args.clips))
+    sizes = {"num_clips": args.clips} | ({} if args.horizon is None else {"horizon": args.horizon})
+    metrics = evaluate_world(WorldModel.load(args.world), EpisodeDataset.open(args.data), EvalConfig(**sizes))
     print(write_metrics(metrics, args.out))
 
 
@@ -144,23 +154,12 @@ def _run_render(args) -> None:
 
 
 def _run_play(args) -> None:
-    from genie_models.render import save_gif
+    from genie_models.terminal import TerminalGame
     from genie_models.world import World
     from genie_models.world_model import WorldModel
     model = WorldModel.load(args.world)
     world = World(model, seed=args.seed)
-    frames = [world.reset(Image.open(args.image))]
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"actions 0..{model.num_actions - 1}; type one or more per line (e.g. '3 3 1'), empty line to quit")
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        for token in line.split():
-            frames.append(world.step(int(token)))
-            Image.fromarray(frames[-1]).save(args.out / f"frame-{len(frames) - 1:05d}.png")
-        print(f"step {len(frames) - 1}", flush=True)
-    save_gif(frames, args.out / "play.gif")
-    print(f"saved {len(frames)} frames to {args.out}")
+    TerminalGame(world, model.num_actions, args.out, show_frames=args.show).play(world.reset(Image.open(args.image)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: say what is wrong, no traceback
         sys.exit(f"genie {args.command}: error: {error}")
 

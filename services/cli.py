@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway.add_argument("--backend", help="backend plugin name (overrides GENIE_GATEWAY_BACKEND)")
     gateway.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                          help="serve the world checkpoint DIR as NAME (repeatable; adds to GENIE_GATEWAY_MODELS)")
-    gateway.set_defaults(run=_serve_gateway)
+    gateway.set_defaults(handler=_serve_gateway)
     _register_model_services(serve_sub)
     _register_stack(serve_sub)
 
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument("--model", default="", help="model name (default: the gateway's first model)")
     play.add_argument("--seed", type=int, default=0)
     play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
-    play.set_defaults(run=_client_play)
+    play.set_defaults(handler=_client_play)
 
 
 def _register_model_services(serve_sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def _register_model_services(serve_sub: argparse._SubParsersAction) -> None:
         service = serve_sub.add_parser(kind, add_help=False, help=f"the {kind} Triton model service "
                                        "(arguments of python -m services.triton)")
         service.add_argument("service_args", nargs=argparse.REMAINDER)
-        service.set_defaults(run=_serve_model_service)
+        service.set_defaults(handler=_serve_model_service)
 
 
 def _serve_model_service(args: argparse.Namespace) -> None:
@@ -75,7 +75,7 @@ def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
     stack.add_argument("--max-worlds", type=int, default=256, help="world caches kept per model service")
     stack.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a step waits to share a batch")
     stack.add_argument("--device", default="cpu", help="torch device of the model services (cpu, cuda, cuda:1)")
-    stack.set_defaults(run=_serve_stack)
+    stack.set_defaults(handler=_serve_stack)
 
 
 def _serve_stack(args: argparse.Namespace) -> None:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="genie")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    args.run(args)
+    args.handler(args)
 
 
 if __name__ == "__main__":

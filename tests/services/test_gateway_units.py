@@ -102,7 +102,7 @@ def test_cli_registers_serve_gateway_and_client_play(monkeypatch):
     settings = gateway_settings_from(args)
     assert settings.port == 0 and settings.models == {"a": "dir-a", "b": "dir-b"}
     play = parser.parse_args(["client", "play", "--image", "x.png", "--actions", "0,1", "--out", "o"])
-    assert play.run.__name__ == "_client_play"
+    assert play.handler.__name__ == "_client_play"
 
 
 def test_idle_world_is_evicted_by_the_reaper(world_checkpoint):
