@@ -62,6 +62,8 @@ def _add_train(subparsers) -> None:
         if stage == "dynamics":
             parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer run or checkpoint dir")
             parser.add_argument("--world-out", type=Path, default=None, help="also export the world here")
+            parser.add_argument("--lam-steps", type=int, default=None,
+                                help="override the steps of the LAM's own phase (presets that have one, e.g. tiny)")
         parser.set_defaults(handler=_run_train_tokenizer if stage == "tokenizer" else _run_train_dynamics)
 
 
@@ -82,14 +84,19 @@ def _run_train_tokenizer(args) -> None:
 
 
 def _run_train_dynamics(args) -> None:
+    from dataclasses import replace
+
     from genie_models.data import EpisodeDataset
     from genie_models.dynamics import DYNAMICS_PRESETS
     from genie_models.lam import LAM_PRESETS
-    from genie_models.training.dynamics import DYNAMICS_TRAINING, train_dynamics
+    from genie_models.training.dynamics import DYNAMICS_TRAINING, LAM_FIRST, train_dynamics
     from genie_models.training.tokenizer import load_tokenizer
+    lam_first = LAM_FIRST[args.preset]
+    if lam_first is not None:  # the sizes apply to the LAM's phase too; its steps have their own flag
+        lam_first = replace(_training_config(lam_first, args), steps=args.lam_steps or lam_first.steps)
     run = train_dynamics(EpisodeDataset.open(args.data), load_tokenizer(args.tokenizer), LAM_PRESETS[args.preset],
                          DYNAMICS_PRESETS[args.preset], _training_config(DYNAMICS_TRAINING[args.preset], args),
-                         args.run, args.device)
+                         args.run, args.device, lam_first=lam_first)
     if args.world_out:
         run.world.save(args.world_out, step=args.steps or DYNAMICS_TRAINING[args.preset].steps, metrics=run.metrics)
     print(run.metrics)
@@ -122,12 +129,14 @@ def _add_world_commands(subparsers) -> None:
     demo.add_argument("--preset", choices=PRESETS, default="tiny")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.add_argument("--device", default=None)
+    demo.add_argument("--videos", type=Path, default=None,
+                      help="train on this folder of ordinary videos instead of generated CoinRun levels")
     demo.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args) -> None:
     from genie_models.demo import run_demo
-    run_demo(args.preset, args.out, args.device)
+    run_demo(args.preset, args.out, args.device, args.videos)
 
 
 def _run_eval(args) -> None:
