@@ -64,7 +64,9 @@ def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
         description="Starts the tokenizer, lam and dynamics Triton services of one world, then the gateway pointed "
         "at them; SIGTERM or SIGINT stops all of them. Default ports: gateway gRPC 50051 and metrics 9090; "
         "services from --service-base-port B=8000, each http/grpc/metrics: dynamics B..B+2 (grpc 8001), "
-        "tokenizer B+10..B+12 (grpc 8011), lam B+20..B+22 (grpc 8021). Other gateway settings: GENIE_GATEWAY_*.")
+        "tokenizer B+10..B+12 (grpc 8011), lam B+20..B+22 (grpc 8021). Other gateway settings: GENIE_GATEWAY_*. "
+        "A child that dies is restarted (with backoff, logged, counted in genie_service_restarts_total); "
+        "the stack runs until SIGTERM/SIGINT.")
     stack.add_argument("--world", type=Path, required=True, help="trained world checkpoint directory")
     stack.add_argument("--model-name", default="world", help="the world's model name in the gateway")
     stack.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -75,12 +77,17 @@ def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
     stack.add_argument("--max-worlds", type=int, default=256, help="world caches kept per model service")
     stack.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a step waits to share a batch")
     stack.add_argument("--device", default="cpu", help="torch device of the model services (cpu, cuda, cuda:1)")
+    stack.add_argument("--stack-metrics-port", type=int, default=9091,
+                       help="Prometheus port of the stack itself: genie_service_restarts_total (0: a free one)")
+    stack.add_argument("--restart-backoff-s", type=float, default=1.0,
+                       help="wait before restarting a child that died; doubles per quick failure, up to 30 s")
     stack.set_defaults(run=_serve_stack)
 
 
 def _serve_stack(args: argparse.Namespace) -> None:
     from services.logs import configure_logging
-    from services.triton.stack import ServiceOptions, ServiceStack, run_stack, stack_ports
+    from services.triton.stack import ServiceOptions, ServiceStack, stack_ports
+    from services.triton.supervisor import RestartPolicy, run_stack
 
     if not args.world.is_dir():  # fail before three services each fail to load it
         raise FileNotFoundError(f"no world checkpoint directory at {args.world}")
@@ -89,7 +96,7 @@ def _serve_stack(args: argparse.Namespace) -> None:
                              max_queue_delay_us=args.max_queue_delay_us, device=args.device)
     stack = ServiceStack(args.world, args.model_name, options, stack_ports(args.service_base_port))
     gateway_args = ["--backend", "triton", "--port", str(args.port), "--metrics-port", str(args.metrics_port)]
-    code = run_stack(stack, gateway_args)
+    code = run_stack(stack, gateway_args, args.stack_metrics_port, RestartPolicy(initial_backoff_s=args.restart_backoff_s))
     if code:
         raise SystemExit(code)
 
