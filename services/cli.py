@@ -96,7 +96,8 @@ def _serve_stack(args: argparse.Namespace) -> None:
                              max_queue_delay_us=args.max_queue_delay_us, device=args.device)
     stack = ServiceStack(args.world, args.model_name, options, stack_ports(args.service_base_port))
     gateway_args = ["--backend", "triton", "--port", str(args.port), "--metrics-port", str(args.metrics_port)]
-    code = run_stack(stack, gateway_args, args.stack_metrics_port, RestartPolicy(initial_backoff_s=args.restart_backoff_s))
+    policy = RestartPolicy(initial_backoff_s=args.restart_backoff_s)
+    code = run_stack(stack, gateway_args, args.stack_metrics_port, policy)
     if code:
         raise SystemExit(code)
 

@@ -51,10 +51,12 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in OPTION_HELP.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")
-    parser.add_argument("--address", default=defaults.address, help="interface every endpoint binds (default %(default)s)")
+    parser.add_argument("--address", default=defaults.address,
+                        help="interface every endpoint binds (default %(default)s)")
     parser.add_argument("--workspace-root", type=Path, default=None,
                         help="where the PyTriton workspace is made (default the temp dir; keep it short)")
-    parser.add_argument("--device", default=defaults.device, help="torch device: cpu, cuda, cuda:1 (default %(default)s)")
+    parser.add_argument("--device", default=defaults.device,
+                        help="torch device: cpu, cuda, cuda:1 (default %(default)s)")
     parser.add_argument("--port-wait-s", type=float, default=defaults.port_wait_s,
                         help="how long to wait for busy ports before exiting with status 1 (default %(default)s)")
 

@@ -6,7 +6,6 @@ calls `run(kind, settings)` here (exit 1 when it cannot serve). Each process get
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,23 +110,33 @@ def wait_for_free_ports(settings: ServiceSettings) -> None:
 
 
 class TritonWatch(threading.Thread):
-    """Notices our tritonserver child exiting on its own (crash, bind failure, OOM kill) and interrupts the main
-    thread: PyTriton's start-up would wait 120 s for a server that is gone, its serve loop up to 10 s."""
+    """Ends the process (status 1) when our tritonserver child exits without being asked to (crash, bind
+    failure, OOM kill). PyTriton's start-up would wait 120 s for a server that is gone, and its clean-up
+    after one hung for over a minute trying to unload models from it (measured); there is nothing left to
+    serve with, so exit at once and let the supervisor start a fresh process."""
 
-    def __init__(self, period_s: float = 0.5):
+    def __init__(self, kind: str, stop: "StopRequest", clean_up: Callable[[], None], period_s: float = 0.5):
         super().__init__(name="triton-watch", daemon=True)
-        self.period_s, self.failure = period_s, ""
-        self.stopping = threading.Event()
+        self.kind, self.stop, self.clean_up, self.period_s = kind, stop, clean_up, period_s
 
     def run(self) -> None:
         server = None
-        while not self.stopping.wait(self.period_s):
+        while not self.stop.requested:
+            time.sleep(self.period_s)
             if server is None:
                 server = next(iter(children_named(os.getpid(), "tritonserver")), None)
-            elif not process_alive(server):
-                self.failure = f"tritonserver (pid {server}) exited on its own"
-                _thread.interrupt_main()
-                return
+            elif not process_alive(server) and not self.stop.requested:
+                exit_cannot_serve(self.kind, f"tritonserver (pid {server}) exited on its own", self.clean_up)
+
+
+def exit_cannot_serve(kind: str, reason: object, clean_up: Callable[[], None] = lambda: None,
+                      traceback: bool = False) -> None:
+    """One clear log line, then exit 1 now. os._exit: a failed PyTriton start leaves threads that keep a
+    process alive, and its clean-up can hang on a dead server."""
+    logger.error("the %s service cannot serve, exiting with status 1: %s", kind, reason, exc_info=traceback)
+    clean_up()
+    logging.shutdown()
+    os._exit(1)
 
 
 def children_named(parent: int, name: str) -> list[int]:
@@ -182,36 +191,29 @@ def serve(kind: str, settings: ServiceSettings) -> None:
         raise ValueError(f"workspace {parent} is too long for the Unix sockets PyTriton makes in it; "
                          f"pass a --workspace-root of at most {MAX_WORKSPACE_CHARS - 25} characters")
     use_own_libpython()
-    watch = TritonWatch()
-    watch.start()
+    TritonWatch(kind, stop, lambda: shutil.rmtree(parent, ignore_errors=True)).start()
     try:
         with Triton(config=triton_config(settings), workspace=parent / "ws") as triton:
             for binding in bindings:
                 triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,
                             outputs=binding.outputs, config=binding.config, strict=True)
             logger.info("serving %s of world %r on grpc :%d", kind, settings.model_name, settings.grpc_port)
-            triton.serve()  # returns on KeyboardInterrupt (a stop request, or the watch) or a dead server/proxy
-    except KeyboardInterrupt:
-        if not watch.failure and not stop.requested:
-            raise
+            triton.serve()  # returns on SIGTERM/SIGINT, or when PyTriton finds the server or a model proxy dead
     finally:
-        watch.stopping.set()
         shutil.rmtree(parent, ignore_errors=True)
     if not stop.requested:
-        raise ServiceCannotStart(watch.failure or "Triton stopped serving on its own (tritonserver or a model's "
-                                 "proxy process died)")
+        raise ServiceCannotStart("Triton stopped serving on its own (tritonserver or a model's proxy died)")
 
 
 def run(kind: str, settings: ServiceSettings) -> None:
     """serve(), and exit 1 with one clear log line when the service cannot serve, so a supervisor or Kubernetes
-    restarts it. os._exit: a failed PyTriton start can leave non-daemon threads that would keep us alive."""
+    restarts it."""
     try:
         serve(kind, settings)
+    except KeyboardInterrupt:
+        return  # SIGTERM/SIGINT before Triton started: a requested stop, not a failure
     except Exception as error:  # noqa: BLE001 - every failure to serve must end the process, non-zero
-        logger.error("the %s service cannot serve, exiting with status 1: %s", kind, error,
-                     exc_info=not isinstance(error, ServiceCannotStart))
-        logging.shutdown()
-        os._exit(1)
+        exit_cannot_serve(kind, error, traceback=not isinstance(error, ServiceCannotStart))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

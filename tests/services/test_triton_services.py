@@ -101,8 +101,8 @@ def test_dynamics_step_after_start_gives_tokens_in_range(stack):
 def test_step_of_unknown_world_answers_not_cached(stack):
     result = client(stack, "dynamics").infer(protocol.DYNAMICS_STEP, step_inputs("never-started"))
     assert result.as_numpy("status").reshape(-1).tolist() == [Status.NOT_CACHED]
-    decoded = client(stack, "tokenizer").infer(protocol.TOKENIZER_DECODE,
-                                               decode_inputs("never-started", np.zeros((1, GRID, GRID), dtype=np.int64)))
+    unknown = decode_inputs("never-started", np.zeros((1, GRID, GRID), dtype=np.int64))
+    decoded = client(stack, "tokenizer").infer(protocol.TOKENIZER_DECODE, unknown)
     assert decoded.as_numpy("status").reshape(-1).tolist() == [Status.NOT_CACHED]
 
 
