@@ -108,7 +108,7 @@ class TritonBackend:
 
         A failure never half-applies: both services keep the step index each world expects next, so a world
         that advanced in one service before the batch failed answers "not cached" on its retry (same index)
-        and is rebuilt from the caller's history, bit-identically, instead of playing from a cache a frame ahead."""
+        and is rebuilt from the caller's history instead of playing from a cache a frame ahead."""
         services = self._get(model)
         grid = services.info.grid_size
         tokens = self._sample(services, steps).reshape(len(steps), grid, grid)

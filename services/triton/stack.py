@@ -194,13 +194,11 @@ class TritonService:
         """None while it runs (or was never started), else how it ended."""
         return None if self.process is None else self.process.poll()
 
-    def kill(self, timeout_s: float = STOP_TIMEOUT_S, whole_group: bool = True) -> None:
-        """Crash it (SIGKILL) and wait until its ports are free. whole_group=False kills the service process
-        alone, as a crash would, and leaves its tritonserver to die on its own."""
+    def kill(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Crash it (SIGKILL), and its tritonserver with it as `genie serve stack` does; wait for the ports."""
         self.process.kill()
         self.process.wait()
-        if whole_group:
-            kill_group(self.process)
+        kill_group(self.process)
         deadline = time.monotonic() + timeout_s
         while any(port_in_use(port, self.host) for port in (self.ports.grpc, self.ports.http, self.ports.metrics)):
             if time.monotonic() > deadline:
