@@ -37,8 +37,9 @@ def test_rebuild_from_the_whole_history_decodes_like_the_undisturbed_world(world
     assert torch.equal(undisturbed, rebuilt)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a rebuilt window is placed at frame positions 0.., not its absolute "
-                   "positions, and the rotary tables round differently there: 1 pixel of 98,304 off by 1. Fix: "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="a rebuilt window is placed at frame positions 0.., not its absolute positions, and the "
+                   "rotary tables round differently there: 1 pixel of 98,304 off by 1. Fix: "
                    "start(..., first_position) in genie_models.stepping, carried by the start models")
 def test_rebuild_from_the_kept_window_decodes_like_the_undisturbed_world(world_checkpoint):
     kept = WorldModel.load(world_checkpoint).history_frames()

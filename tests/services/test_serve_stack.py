@@ -213,7 +213,7 @@ def test_serve_stack_restarts_killed_services_and_every_world_plays_on_like_its_
         children = descendants(server.pid)
         assert len(children) >= 4  # three services and the gateway, with Triton servers below the services
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=90) == 0
+        assert server.wait(timeout=300) == 0  # the gateway, then the services (each ~5 s; slower on a loaded machine)
         assert still_running(children) == []
     except BaseException:
         print(log_path.read_text(errors="replace")[-6000:])
