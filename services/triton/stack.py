@@ -29,7 +29,7 @@ from services.triton import protocol
 
 logger = logging.getLogger("genie.stack")
 
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0  # Triton loads each Python-backend model in seconds; a loaded machine took over 120 s
 STOP_TIMEOUT_S = 45.0  # a graceful Triton stop takes ~5 s; a loaded machine needed over 20 s (measured)
 # Fixed layout of `genie serve stack`: dynamics on base+0..2, tokenizer base+10..12, lam base+20..22
 # (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
