@@ -6,12 +6,9 @@ Found by genie_models.cli through the entry point group `genie.cli` (services = 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
-MODEL_SERVICES_HOOK = "services.triton.cli"  # if present: register(serve_subparsers) for the model services
-MODEL_SERVICES = ("tokenizer", "lam", "dynamics")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,22 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_model_services(serve_sub: argparse._SubParsersAction) -> None:
-    """`serve tokenizer|lam|dynamics ARGS` forward ARGS to services.triton.serve, imported only when run
-    so `genie --help` stays fast; a services.triton.cli module, once it exists, registers them instead."""
-    if importlib.util.find_spec(MODEL_SERVICES_HOOK) is not None:
-        importlib.import_module(MODEL_SERVICES_HOOK).register(serve_sub)
-        return
-    for kind in MODEL_SERVICES:
-        service = serve_sub.add_parser(kind, add_help=False, help=f"the {kind} Triton model service "
-                                       "(arguments of python -m services.triton)")
-        service.add_argument("service_args", nargs=argparse.REMAINDER)
-        service.set_defaults(handler=_serve_model_service)
+    """`serve tokenizer|lam|dynamics`: their options live with the services (services/triton/cli.py)."""
+    from services.triton.cli import register as register_model_services
 
-
-def _serve_model_service(args: argparse.Namespace) -> None:
-    from services.triton.serve import main as serve_model
-
-    serve_model([args.service, *args.service_args])
+    register_model_services(serve_sub)
 
 
 def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
@@ -64,7 +49,9 @@ def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
         description="Starts the tokenizer, lam and dynamics Triton services of one world, then the gateway pointed "
         "at them; SIGTERM or SIGINT stops all of them. Default ports: gateway gRPC 50051 and metrics 9090; "
         "services from --service-base-port B=8000, each http/grpc/metrics: dynamics B..B+2 (grpc 8001), "
-        "tokenizer B+10..B+12 (grpc 8011), lam B+20..B+22 (grpc 8021). Other gateway settings: GENIE_GATEWAY_*.")
+        "tokenizer B+10..B+12 (grpc 8011), lam B+20..B+22 (grpc 8021). Other gateway settings: GENIE_GATEWAY_*. "
+        "A child that dies is restarted (with backoff, logged, counted in genie_service_restarts_total); "
+        "the stack runs until SIGTERM/SIGINT.")
     stack.add_argument("--world", type=Path, required=True, help="trained world checkpoint directory")
     stack.add_argument("--model-name", default="world", help="the world's model name in the gateway")
     stack.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
@@ -75,12 +62,17 @@ def _register_stack(serve_sub: argparse._SubParsersAction) -> None:
     stack.add_argument("--max-worlds", type=int, default=256, help="world caches kept per model service")
     stack.add_argument("--max-queue-delay-us", type=int, default=500, help="how long a step waits to share a batch")
     stack.add_argument("--device", default="cpu", help="torch device of the model services (cpu, cuda, cuda:1)")
+    stack.add_argument("--stack-metrics-port", type=int, default=9091,
+                       help="Prometheus port of the stack itself: genie_service_restarts_total (0: a free one)")
+    stack.add_argument("--restart-backoff-s", type=float, default=1.0,
+                       help="wait before restarting a child that died; doubles per quick failure, up to 30 s")
     stack.set_defaults(handler=_serve_stack)
 
 
 def _serve_stack(args: argparse.Namespace) -> None:
     from services.logs import configure_logging
-    from services.triton.stack import ServiceOptions, ServiceStack, run_stack, stack_ports
+    from services.triton.stack import ServiceOptions, ServiceStack, stack_ports
+    from services.triton.supervisor import RestartPolicy, run_stack
 
     if not args.world.is_dir():  # fail before three services each fail to load it
         raise FileNotFoundError(f"no world checkpoint directory at {args.world}")
@@ -89,7 +81,8 @@ def _serve_stack(args: argparse.Namespace) -> None:
                              max_queue_delay_us=args.max_queue_delay_us, device=args.device)
     stack = ServiceStack(args.world, args.model_name, options, stack_ports(args.service_base_port))
     gateway_args = ["--backend", "triton", "--port", str(args.port), "--metrics-port", str(args.metrics_port)]
-    code = run_stack(stack, gateway_args)
+    policy = RestartPolicy(initial_backoff_s=args.restart_backoff_s)
+    code = run_stack(stack, gateway_args, args.stack_metrics_port, policy)
     if code:
         raise SystemExit(code)
 

@@ -34,6 +34,17 @@ class GatewayMetrics:
         self.active_worlds.set_function(count)
 
 
+class StackMetrics:
+    """`genie serve stack`'s supervisor: restarts of its children (gateway, tokenizer, lam, dynamics)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.restarts = Counter("genie_service_restarts", "Children restarted after exiting on their own",
+                                ["service"], registry=self.registry)
+        self.up = Gauge("genie_service_up", "1 while the child runs, 0 while it waits to be restarted",
+                        ["service"], registry=self.registry)
+
+
 @dataclass
 class MetricsServer:
     server: WSGIServer

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.backends.base import (BackendError, ModelInfo, ModelUnavailable, StepResult, WorldsNotCached,
-                                    WorldStep)
+from services.backends.base import ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
 from services.settings import GatewaySettings
 from services.triton import protocol
 from services.triton.client import ServiceClient, ids_column
@@ -105,19 +104,15 @@ class TritonBackend:
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
         """Step on the dynamics service, then decode on the tokenizer service; one request per world, all
-        in flight at once, so each service's dynamic batcher runs them (and other gateways') together."""
+        in flight at once, so each service's dynamic batcher runs them (and other gateways') together.
+
+        A failure never half-applies: both services keep the step index each world expects next, so a world
+        that advanced in one service before the batch failed answers "not cached" on its retry (same index)
+        and is rebuilt from the caller's history instead of playing from a cache a frame ahead."""
         services = self._get(model)
         grid = services.info.grid_size
-        try:
-            tokens = self._sample(services, steps).reshape(len(steps), grid, grid)
-            frames = self._decode(services, steps, tokens)
-        except WorldsNotCached:
-            raise  # the gateway rebuilds every world of the batch, which resets both services' caches
-        except (BackendError, ValueError):
-            # Some worlds may have advanced in one service only; forget them there so their next step
-            # rebuilds them from history instead of playing from a cache one frame ahead.
-            self._forget(services, [step.world_id for step in steps])
-            raise
+        tokens = self._sample(services, steps).reshape(len(steps), grid, grid)
+        frames = self._decode(services, steps, tokens)
         return [StepResult(tokens=tokens[index], frame=frames[index]) for index in range(len(steps))]
 
     def _sample(self, services: WorldServices, steps: Sequence[WorldStep]) -> np.ndarray:
@@ -134,7 +129,8 @@ class TritonBackend:
 
     def _decode(self, services: WorldServices, steps: Sequence[WorldStep], tokens: np.ndarray) -> np.ndarray:
         requests = [{"world_id": np.array([[step.world_id.encode("utf-8")] for step in chunk], dtype=object),
-                     "tokens": tokens[start:start + len(chunk)]}
+                     "tokens": tokens[start:start + len(chunk)],
+                     "step_index": np.array([[step.step_index] for step in chunk], dtype=np.int64)}
                     for start, chunk in zip(range(0, len(steps), ROWS_PER_REQUEST), _chunks(steps))]
         results = services.tokenizer.infer_many(protocol.TOKENIZER_DECODE, requests)
         self._check(steps, _statuses(results), "tokenizer")
@@ -150,13 +146,6 @@ class TritonBackend:
             # The gateway retries the whole batch after rebuilding, so every world in it must be rebuilt:
             # the others may already have advanced in this or the other service.
             raise WorldsNotCached([step.world_id for step in steps])
-
-    def _forget(self, services: WorldServices, world_ids: Sequence[str]) -> None:
-        for world_id in world_ids:
-            try:
-                self._end(services, world_id)
-            except ModelUnavailable:
-                continue  # a service that is down has lost its caches anyway
 
     def end_world(self, model: str, world_id: str) -> None:
         self._end(self._get(model), world_id)

@@ -61,6 +61,35 @@ def end_sessions(requests: Sequence[Request], lock: threading.Lock,
     return results
 
 
+class StepLedger:
+    """The step index each cached world expects next, so a step that was applied but never acknowledged (the
+    caller saw an error: a batch half-done across services, a lost answer) is not applied twice: its retry
+    carries an index already passed and is answered "not cached", and the caller rebuilds the world from the
+    history it owns. Unknown after a (re)start: the caller's history is the truth then."""
+
+    def __init__(self, max_worlds: int):
+        self.max_worlds = max_worlds
+        self._next: dict[str, int | None] = {}
+
+    def started(self, world_id: str, cached: Callable[[str], bool]) -> None:
+        if len(self._next) >= 2 * self.max_worlds:  # drop worlds the cache evicted meanwhile
+            self._next = {key: value for key, value in self._next.items() if cached(key)}
+        self._next[world_id] = None
+
+    def fits(self, world_id: str, step_index: int) -> bool:
+        """False for a world not started since its cache went (end, eviction) or a step index out of turn."""
+        if world_id not in self._next:
+            return False
+        expected = self._next[world_id]
+        return expected is None or expected == step_index
+
+    def applied(self, world_id: str, step_index: int) -> None:
+        self._next[world_id] = step_index + 1
+
+    def ended(self, world_id: str) -> None:
+        self._next.pop(world_id, None)
+
+
 def repeated_rows(ids: Sequence[str]) -> set[int]:
     """Rows whose world already appeared earlier in the batch: stepping a cache twice at once would corrupt it."""
     seen: set[str] = set()

@@ -18,8 +18,8 @@ from pytriton.proxy.types import Request
 from genie_models.dynamics import DynamicsModel
 from genie_models.stepping import DynamicsEngine, StepRequest
 from services.triton import protocol
-from services.triton.batching import (UNBATCHED, Binding, end_sessions, gather_rows, repeated_rows, split_rows,
-                                     world_ids)
+from services.triton.batching import (UNBATCHED, Binding, StepLedger, end_sessions, gather_rows, repeated_rows,
+                                     split_rows, world_ids)
 from services.triton.protocol import Status
 
 STEP_INPUTS = ("world_id", "action", "seed", "step_index", "num_maskgit_steps", "temperature")
@@ -30,6 +30,7 @@ class DynamicsService:
     def __init__(self, model: DynamicsModel, max_worlds: int, device: torch.device | str):
         self.config = model.config
         self.engine = DynamicsEngine(model, max_worlds, device, evict_when_full=True)
+        self.ledger = StepLedger(max_worlds)
         # start/step/end run on separate PyTriton threads but share the engine's cache slots.
         self.lock = threading.Lock()
 
@@ -41,6 +42,7 @@ class DynamicsService:
             self._check_history(tokens, actions)
             with self.lock:
                 self.engine.start(world_id, torch.from_numpy(tokens), torch.from_numpy(actions))
+                self.ledger.started(world_id, self.engine.sessions.__contains__)
             results.append({"status": np.array([Status.OK], dtype=np.int8)})
         return results
 
@@ -72,16 +74,27 @@ class DynamicsService:
                 action, seed, step_index, num_steps, temperature = (columns[name][row] for name in STEP_INPUTS[1:])
                 if row in repeated or not self._valid_step(action, num_steps, temperature):
                     status[row] = Status.INVALID
-                elif world_id not in self.engine.sessions:
+                elif world_id not in self.engine.sessions or not self.ledger.fits(world_id, step_index):
                     status[row] = Status.NOT_CACHED
                 else:
                     steps[row] = StepRequest(world_id, action, seed, step_index, num_steps, temperature)
             if steps:
-                tokens[list(steps)] = self.engine.step(list(steps.values())).cpu().numpy()
+                try:
+                    tokens[list(steps)] = self.engine.step(list(steps.values())).cpu().numpy()
+                except BaseException:  # a cache may be half-committed: the retry must rebuild, not play on
+                    for request in steps.values():
+                        self._end(request.session)
+                    raise
+                for request in steps.values():
+                    self.ledger.applied(request.session, request.step_index)
         return split_rows({"tokens": tokens, "status": status}, counts)
 
     def end(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
-        return end_sessions(requests, self.lock, self.engine.end)
+        return end_sessions(requests, self.lock, self._end)
+
+    def _end(self, world_id: str) -> None:
+        self.engine.end(world_id)
+        self.ledger.ended(world_id)
 
     def bindings(self, batcher: ModelConfig) -> list[Binding]:
         world_id = Tensor(name="world_id", dtype=bytes, shape=(1,))

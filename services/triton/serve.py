@@ -1,20 +1,21 @@
 """Start one Triton model service (tokenizer, lam or dynamics) for one trained world, in this process.
 
 `python -m services.triton KIND --checkpoint DIR --model-name NAME --grpc-port P ...`; `genie serve KIND`
-calls `main(argv)` or `serve(kind, settings)` here. Each process gets its own ports and PyTriton workspace.
+calls `run(kind, settings)` here (exit 1 when it cannot serve). Each process gets its own ports and PyTriton workspace.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import signal
+import socket
 import sysconfig
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from services.backends.base import ModelInfo
 from services.backends.inprocess import model_info
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
+from services.triton.cli import ServiceSettings, parse_args
 
 logger = logging.getLogger("genie.triton")
 
@@ -34,19 +36,8 @@ logger = logging.getLogger("genie.triton")
 MAX_WORKSPACE_CHARS = 60
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    checkpoint: Path
-    model_name: str
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
-    address: str = "0.0.0.0"
-    workspace_root: Path | None = None  # a fresh workspace is made inside it (default: the temp dir)
-    max_worlds: int = 256  # world caches kept; the least recently used is evicted beyond this
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 500  # how long a step waits for others to join its batch
-    device: str = "cpu"
+class ServiceCannotStart(RuntimeError):
+    """The service cannot serve (ports taken, tritonserver gone): it exits non-zero so a supervisor restarts it."""
 
 
 def info_binding(info: ModelInfo, kind: str) -> Binding:
@@ -81,7 +72,7 @@ def triton_config(settings: ServiceSettings) -> TritonConfig:
                         metrics_port=settings.metrics_port, grpc_address=settings.address,
                         http_address=settings.address, metrics_address=settings.address,
                         allow_metrics=True, allow_gpu_metrics=settings.device.startswith("cuda"),
-                        exit_timeout_secs=10)
+                        exit_timeout_secs=3)  # also how long an orphaned tritonserver holds our ports
 
 
 def use_own_libpython() -> None:
@@ -93,10 +84,104 @@ def use_own_libpython() -> None:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, *paths]))
 
 
+def port_is_free(address: str, port: int) -> bool:
+    """Whether a listening socket could bind address:port now (without SO_REUSEPORT, so a live holder counts)."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_free_ports(settings: ServiceSettings) -> None:
+    """Waits up to settings.port_wait_s for our ports: a killed instance's tritonserver keeps them a few
+    seconds. Tritonserver itself would fail to bind and PyTriton would then wait 120 s for it; fail now."""
+    ports = {"grpc": settings.grpc_port, "http": settings.http_port, "metrics": settings.metrics_port}
+    deadline = time.monotonic() + settings.port_wait_s
+    while busy := {name: port for name, port in ports.items() if port and not port_is_free(settings.address, port)}:
+        if time.monotonic() > deadline:
+            listed = ", ".join(f"{name} {port}" for name, port in busy.items())
+            raise ServiceCannotStart(f"port(s) {listed} on {settings.address} still in use after "
+                                     f"{settings.port_wait_s:g} s; stop whatever holds them (another service, or a "
+                                     f"killed service's tritonserver) or choose other ports")
+        time.sleep(0.2)
+
+
+class TritonWatch(threading.Thread):
+    """Ends the process (status 1) when our tritonserver child exits without being asked to (crash, bind
+    failure, OOM kill). PyTriton's start-up would wait 120 s for a server that is gone, and its clean-up
+    after one hung for over a minute trying to unload models from it (measured); there is nothing left to
+    serve with, so exit at once and let the supervisor start a fresh process."""
+
+    def __init__(self, kind: str, stop: "StopRequest", clean_up: Callable[[], None], period_s: float = 0.5):
+        super().__init__(name="triton-watch", daemon=True)
+        self.kind, self.stop, self.clean_up, self.period_s = kind, stop, clean_up, period_s
+
+    def run(self) -> None:
+        server = None
+        while not self.stop.requested:
+            time.sleep(self.period_s)
+            if server is None:
+                server = next(iter(children_named(os.getpid(), "tritonserver")), None)
+            elif not process_alive(server) and not self.stop.requested:
+                exit_cannot_serve(self.kind, f"tritonserver (pid {server}) exited on its own", self.clean_up)
+
+
+def exit_cannot_serve(kind: str, reason: object, clean_up: Callable[[], None] = lambda: None,
+                      traceback: bool = False) -> None:
+    """One clear log line, then exit 1 now. os._exit: a failed PyTriton start leaves threads that keep a
+    process alive, and its clean-up can hang on a dead server."""
+    logger.error("the %s service cannot serve, exiting with status 1: %s", kind, reason, exc_info=traceback)
+    clean_up()
+    logging.shutdown()
+    os._exit(1)
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    command, fields = stat.read().split(" (", 1)[1].rsplit(") ", 1)
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            if command == name and int(fields.split()[1]) == parent:
+                found.append(int(entry))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class StopRequest:
+    """SIGTERM/SIGINT mean "stop": remembered (so an exit of tritonserver is told apart from one we asked for)
+    and raised as KeyboardInterrupt, on which Triton.serve() stops the server cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+
 def serve(kind: str, settings: ServiceSettings) -> None:
-    """Load the world, bind its Triton models and serve until SIGTERM/SIGINT (then stop gracefully)."""
+    """Load the world, bind its Triton models and serve until SIGTERM/SIGINT (then stop gracefully).
+    Raises ServiceCannotStart when the ports stay taken or tritonserver exits on its own."""
     if not protocol.MODEL_NAME_PATTERN.match(settings.model_name):
         raise ValueError(f"model name {settings.model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
+    stop = StopRequest()
+    wait_for_free_ports(settings)
     model = WorldModel.load(settings.checkpoint, device=settings.device)
     bindings = [info_binding(model_info(model, settings.model_name), kind), *build_bindings(kind, model, settings)]
     # PyTriton refuses an existing workspace dir; a private parent keeps concurrent processes apart.
@@ -106,36 +191,33 @@ def serve(kind: str, settings: ServiceSettings) -> None:
         raise ValueError(f"workspace {parent} is too long for the Unix sockets PyTriton makes in it; "
                          f"pass a --workspace-root of at most {MAX_WORKSPACE_CHARS - 25} characters")
     use_own_libpython()
-    # Triton.serve() stops the server cleanly on KeyboardInterrupt; make SIGTERM (Kubernetes, tests) do the same.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    TritonWatch(kind, stop, lambda: shutil.rmtree(parent, ignore_errors=True)).start()
     try:
         with Triton(config=triton_config(settings), workspace=parent / "ws") as triton:
             for binding in bindings:
                 triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,
                             outputs=binding.outputs, config=binding.config, strict=True)
             logger.info("serving %s of world %r on grpc :%d", kind, settings.model_name, settings.grpc_port)
-            triton.serve()
+            triton.serve()  # returns on SIGTERM/SIGINT, or when PyTriton finds the server or a model proxy dead
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+    if not stop.requested:
+        raise ServiceCannotStart("Triton stopped serving on its own (tritonserver or a model's proxy died)")
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[str, ServiceSettings]:
-    parser = argparse.ArgumentParser(prog="python -m services.triton", description=__doc__)
-    parser.add_argument("kind", choices=protocol.SERVICE_KINDS)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="trained world directory")
-    parser.add_argument("--model-name", required=True, help="the world model's name in the gateway")
-    defaults = ServiceSettings(Path("."), "")
-    for name in ("grpc_port", "http_port", "metrics_port", "max_worlds", "max_batch_size", "max_queue_delay_us"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--address", default=defaults.address, help="interface every endpoint binds")
-    parser.add_argument("--workspace-root", type=Path, default=None)
-    parser.add_argument("--device", default=defaults.device)
-    args = vars(parser.parse_args(argv))
-    kind = args.pop("kind")
-    return kind, ServiceSettings(**args)
+def run(kind: str, settings: ServiceSettings) -> None:
+    """serve(), and exit 1 with one clear log line when the service cannot serve, so a supervisor or Kubernetes
+    restarts it."""
+    try:
+        serve(kind, settings)
+    except KeyboardInterrupt:
+        return  # SIGTERM/SIGINT before Triton started: a requested stop, not a failure
+    except Exception as error:  # noqa: BLE001 - every failure to serve must end the process, non-zero
+        exit_cannot_serve(kind, error, traceback=not isinstance(error, ServiceCannotStart))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """`python -m services.triton KIND ...` and `genie serve KIND ...` (via services/triton/cli.py)."""
     kind, settings = parse_args(argv)
-    serve(kind, settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(kind, settings)

@@ -1,8 +1,8 @@
 """The three Triton model services of one world (tokenizer, lam, dynamics) as child processes.
 
 `ServiceStack` starts them, waits until Triton says every model is ready, tells the gateway where they
-listen and stops them (SIGTERM, then SIGKILL after a timeout). `genie serve stack` (`run_stack`: the
-services plus a gateway), the serving benchmark and the integration tests all use it.
+listen and stops them (SIGTERM, then SIGKILL after a timeout). `genie serve stack` (supervisor.py: the
+services plus a gateway, restarted when they die), the serving benchmark and the integration tests all use it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from services.triton import protocol
 
 logger = logging.getLogger("genie.stack")
 
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 300.0  # Triton loads each Python-backend model in seconds; a loaded machine took over 120 s
+STOP_TIMEOUT_S = 45.0  # a graceful Triton stop takes ~5 s; a loaded machine needed over 20 s (measured)
 # Fixed layout of `genie serve stack`: dynamics on base+0..2, tokenizer base+10..12, lam base+20..22
 # (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
 PORT_OFFSETS = {"dynamics": 0, "tokenizer": 10, "lam": 20}
@@ -95,10 +95,21 @@ def wait_or_kill(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -
     """Waits for a child asked to stop, SIGKILLs it if it lingers past the timeout; returns the exit code.
     Never signals twice: a second SIGTERM would interrupt a Triton service's graceful shutdown."""
     try:
-        return process.wait(timeout_s)
+        code = process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.wait()
+        code = process.wait()
+    kill_group(process)
+    return code
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILLs what is left of an exited child's process group: a Triton service's tritonserver and its
+    Python-backend stubs outlive a SIGKILLed service for seconds (their parent-death signal is a graceful
+    SIGTERM), holding its ports and accepting requests nobody answers. The group id stays ours while any
+    member lives, so this cannot hit an unrelated process."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -179,10 +190,15 @@ class TritonService:
         self.terminate()
         return wait_or_kill(self.process, timeout_s)
 
+    def exit_code(self) -> int | None:
+        """None while it runs (or was never started), else how it ended."""
+        return None if self.process is None else self.process.poll()
+
     def kill(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Crash it (SIGKILL) and wait until Triton, which outlives it briefly, has released the ports."""
+        """Crash it (SIGKILL), and its tritonserver with it as `genie serve stack` does; wait for the ports."""
         self.process.kill()
         self.process.wait()
+        kill_group(self.process)
         deadline = time.monotonic() + timeout_s
         while any(port_in_use(port, self.host) for port in (self.ports.grpc, self.ports.http, self.ports.metrics)):
             if time.monotonic() > deadline:
@@ -236,11 +252,6 @@ class ServiceStack:
         self.services[kind].start()
         self.services[kind].wait_ready()
 
-    def exited(self) -> dict[str, int]:
-        """The services that are no longer running, with their exit codes."""
-        return {kind: service.process.returncode for kind, service in self.services.items()
-                if service.process is not None and service.process.poll() is not None}
-
     def overrides(self) -> dict:
         """GatewaySettings fields that point a gateway at this stack."""
         endpoints = {kind: service.url for kind, service in self.services.items()}
@@ -256,40 +267,3 @@ class ServiceStack:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-def stop_gateway(gateway: subprocess.Popen | None) -> int | None:
-    if gateway is None:
-        return None
-    if gateway.poll() is None:
-        gateway.send_signal(signal.SIGTERM)
-    return wait_or_kill(gateway)
-
-
-def run_stack(stack: ServiceStack, gateway_args: list[str], poll_s: float = 0.5) -> int:
-    """`genie serve stack`: the services, then a gateway (`genie serve gateway GATEWAY_ARGS`) pointed at them,
-    until SIGTERM or SIGINT. Stops the gateway first (it drains in-flight steps), then the services.
-    Returns 0 when asked to stop and every child exited cleanly, 1 when a child died on its own."""
-    for signum in (signal.SIGTERM, signal.SIGINT):  # both interrupt whatever we wait on, start-up included
-        signal.signal(signum, signal.default_int_handler)
-    gateway: subprocess.Popen | None = None
-    requested = False
-    try:
-        stack.start()
-        gateway = start_child([sys.executable, "-m", "services.cli", "serve", "gateway", *gateway_args],
-                              os.environ | stack.gateway_environment())
-        logger.info("stack serving", extra={"model": stack.model_name, "gateway_pid": gateway.pid,
-                                            "services": {kind: s.url for kind, s in stack.services.items()}})
-        while gateway.poll() is None and not stack.exited():
-            time.sleep(poll_s)
-        logger.error("a child exited on its own; stopping the stack",
-                     extra={"gateway": gateway.returncode, "services": stack.exited()})
-    except KeyboardInterrupt:
-        requested = True
-        logger.info("stopping the stack")
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):  # stop in order; the SIGKILL timeouts bound it
-            signal.signal(signum, signal.SIG_IGN)
-        codes = {"gateway": stop_gateway(gateway)} | stack.stop()
-    logger.info("stack stopped", extra={"exit_codes": codes})
-    return 0 if requested and all(code in (0, None) for code in codes.values()) else 1

@@ -24,14 +24,15 @@ from tests.services.helpers import MAX_WORLDS, MODEL_NAME, open_channel
 from tests.services.triton_stack import triton_stack
 
 
-def tiny_world_model() -> WorldModel:
+def tiny_world_model(context_frames: int = 4) -> WorldModel:
     torch.manual_seed(0)
     tokenizer = TokenizerConfig(image_size=32, patch_size=4, d_model=32, num_heads=2, encoder_layers=1,
-                                decoder_layers=1, num_codes=64, code_dim=8, context_frames=4)
+                                decoder_layers=1, num_codes=64, code_dim=8, context_frames=context_frames)
     lam = LAMConfig(image_size=32, patch_size=8, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1,
-                    num_actions=4, context_frames=4)
+                    num_actions=4, context_frames=context_frames)
     dynamics = dynamics_config_for(tokenizer, lam, DynamicsConfig(d_model=32, num_heads=2, num_layers=2,
-                                                                  context_frames=4, num_maskgit_steps=4))
+                                                                  context_frames=context_frames,
+                                                                  num_maskgit_steps=4))
     return WorldModel(VideoTokenizer(tokenizer), LatentActionModel(lam), DynamicsModel(dynamics)).eval()
 
 

@@ -1,11 +1,13 @@
 """The Triton model services over real gRPC, and the `triton` backend on top of them.
 
-One stack (three PyTriton processes on loopback) serves the whole module; the restart test runs last.
+One stack (three PyTriton processes on loopback) serves the whole module; the crash test runs last and
+leaves the dynamics service down.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import numpy as np
@@ -52,6 +54,11 @@ def step_inputs(world_id: str, action: int = 1, step_index: int = 0) -> dict[str
             "num_maskgit_steps": np.array([[4]], dtype=np.int32), "temperature": np.array([[1.0]], dtype=np.float32)}
 
 
+def decode_inputs(world_id: str, tokens: np.ndarray, step_index: int = 0) -> dict[str, np.ndarray]:
+    return {"world_id": ids_column(world_id, rows=True), "tokens": tokens,
+            "step_index": np.array([[step_index]], dtype=np.int64)}
+
+
 def start_dynamics(dynamics: ServiceClient, world_id: str) -> None:
     history = np.random.default_rng(1).integers(0, NUM_CODES, (2, GRID * GRID))
     dynamics.infer(protocol.DYNAMICS_START, {"world_id": ids_column(world_id, rows=False), "tokens": history,
@@ -72,8 +79,7 @@ def test_encode_start_decode_round_trip_keeps_shapes(stack):
     history = tokenizer.infer(protocol.TOKENIZER_START, {"world_id": ids_column("round-trip", rows=False),
                                                          "tokens": tokens}).as_numpy("frames")
     assert history.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and history.dtype == np.uint8
-    decoded = tokenizer.infer(protocol.TOKENIZER_DECODE, {"world_id": ids_column("round-trip", rows=True),
-                                                          "tokens": tokens[-1:]})
+    decoded = tokenizer.infer(protocol.TOKENIZER_DECODE, decode_inputs("round-trip", tokens[-1:]))
     assert decoded.as_numpy("frames").shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert decoded.as_numpy("status").reshape(-1).tolist() == [Status.OK]
 
@@ -95,8 +101,8 @@ def test_dynamics_step_after_start_gives_tokens_in_range(stack):
 def test_step_of_unknown_world_answers_not_cached(stack):
     result = client(stack, "dynamics").infer(protocol.DYNAMICS_STEP, step_inputs("never-started"))
     assert result.as_numpy("status").reshape(-1).tolist() == [Status.NOT_CACHED]
-    decoded = client(stack, "tokenizer").infer(protocol.TOKENIZER_DECODE, {
-        "world_id": ids_column("never-started", rows=True), "tokens": np.zeros((1, GRID, GRID), dtype=np.int64)})
+    unknown = decode_inputs("never-started", np.zeros((1, GRID, GRID), dtype=np.int64))
+    decoded = client(stack, "tokenizer").infer(protocol.TOKENIZER_DECODE, unknown)
     assert decoded.as_numpy("status").reshape(-1).tolist() == [Status.NOT_CACHED]
 
 
@@ -189,18 +195,70 @@ def test_two_dynamics_services_run_side_by_side(stack, world_checkpoint, tmp_pat
         second.stop()
 
 
-def test_crashed_dynamics_service_is_unavailable_then_loses_worlds_until_rebuilt(stack, backend):
+def test_a_step_applied_once_is_refused_when_sent_again(stack):
+    dynamics = client(stack, "dynamics")
+    start_dynamics(dynamics, "retried")
+    first = dynamics.infer(protocol.DYNAMICS_STEP, step_inputs("retried", step_index=2))
+    assert first.as_numpy("status").item() == Status.OK
+    again = dynamics.infer(protocol.DYNAMICS_STEP, step_inputs("retried", step_index=2))
+    assert again.as_numpy("status").item() == Status.NOT_CACHED  # its cache is past step 2 already
+    assert dynamics.infer(protocol.DYNAMICS_STEP, step_inputs("retried", step_index=3)).as_numpy("status").item() == 0
+    start_dynamics(dynamics, "retried")  # rebuilt from the same history: step 2 replays identically
+    replay = dynamics.infer(protocol.DYNAMICS_STEP, step_inputs("retried", step_index=2))
+    np.testing.assert_array_equal(replay.as_numpy("tokens"), first.as_numpy("tokens"))
+    tokenizer = client(stack, "tokenizer")
+    tokens = tokenizer.infer(protocol.TOKENIZER_ENCODE, {"frames": frames(1)}).as_numpy("tokens")
+    tokenizer.infer(protocol.TOKENIZER_START, {"world_id": ids_column("retried", rows=False), "tokens": tokens})
+    statuses = [tokenizer.infer(protocol.TOKENIZER_DECODE, decode_inputs("retried", tokens, step_index=5))
+                .as_numpy("status").item() for _ in range(2)]
+    assert statuses == [Status.OK, Status.NOT_CACHED]
+
+
+def test_batch_that_failed_after_its_dynamics_step_replays_identically(stack, backend):
+    """The first half of a batch applied (dynamics stepped) and the second failed: the retry must not play
+    from the advanced cache; it is told "not cached", rebuilt from history, and gives the undisturbed frame."""
+    tokens = backend.encode(MODEL_NAME, frames(2, seed=12))
+    actions = np.array([NUM_ACTIONS, 2])
+    for world_id in ("half-applied", "undisturbed"):
+        backend.start_world(MODEL_NAME, world_id, tokens, actions)
+
+    def step(world_id: str) -> WorldStep:
+        return WorldStep(world_id, action=1, seed=7, step_index=2, num_maskgit_steps=4, temperature=1.0)
+
+    [expected] = backend.step_worlds(MODEL_NAME, [step("undisturbed")])
+    client(stack, "dynamics").infer(protocol.DYNAMICS_STEP, step_inputs("half-applied", step_index=2))
+    with pytest.raises(WorldsNotCached):
+        backend.step_worlds(MODEL_NAME, [step("half-applied")])
+    backend.start_world(MODEL_NAME, "half-applied", tokens, actions)  # what the gateway does on WorldsNotCached
+    [got] = backend.step_worlds(MODEL_NAME, [step("half-applied")])
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_array_equal(got.frame, expected.frame)
+
+
+def test_dynamics_service_crashed_and_restarted_at_once_serves_again_and_worlds_continue_identically(stack, backend):
+    """The service process alone is SIGKILLed (its tritonserver lingers on the ports) and started again at
+    once: it waits for the ports instead of failing to bind. Then a dead service answers UNAVAILABLE fast."""
     tokens = backend.encode(MODEL_NAME, frames(1, seed=9))
-    backend.start_world(MODEL_NAME, "survivor", tokens, np.array([NUM_ACTIONS]))
-    step = WorldStep("survivor", action=1, seed=0, step_index=1, num_maskgit_steps=4, temperature=1.0)
-    backend.step_worlds(MODEL_NAME, [step])
-    stack.services["dynamics"].kill()
-    with pytest.raises(ModelUnavailable):
-        backend.step_worlds(MODEL_NAME, [step])
-    stack.services["dynamics"].start()
-    stack.services["dynamics"].wait_ready()
+    for world_id in ("survivor", "twin"):
+        backend.start_world(MODEL_NAME, world_id, tokens, np.array([NUM_ACTIONS]))
+    first = backend.step_worlds(MODEL_NAME, [WorldStep(world_id, 1, 0, 1, 4, 1.0) for world_id in ("survivor", "twin")])
+    [expected] = backend.step_worlds(MODEL_NAME, [WorldStep("twin", 3, 0, 2, 4, 1.0)])
+    dynamics = stack.services["dynamics"]
+    dynamics.process.kill()
+    dynamics.process.wait()
+    dynamics.start()  # 0 s after the crash; the issue's replacement failed to bind 2 s after one
+    dynamics.wait_ready()
+    step = WorldStep("survivor", 3, 0, 2, 4, 1.0)
     with pytest.raises(WorldsNotCached) as lost:
         backend.step_worlds(MODEL_NAME, [step])
     assert lost.value.world_ids == ["survivor"]
-    backend.start_world(MODEL_NAME, "survivor", tokens, np.array([NUM_ACTIONS]))
-    assert backend.step_worlds(MODEL_NAME, [step])[0].frame.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    history = np.stack([tokens[0], first[0].tokens])
+    backend.start_world(MODEL_NAME, "survivor", history, np.array([NUM_ACTIONS, 1]))
+    [got] = backend.step_worlds(MODEL_NAME, [step])
+    np.testing.assert_array_equal(got.frame, expected.frame)
+
+    dynamics.kill()  # the whole process group, as `genie serve stack` cleans up after a dead service
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="unavailable"):
+        backend.step_worlds(MODEL_NAME, [WorldStep("survivor", 0, 0, 3, 4, 1.0)])
+    assert time.monotonic() - started < 1.0

@@ -1,0 +1,89 @@
+"""`genie serve tokenizer|lam|dynamics` and `python -m services.triton KIND`: one model service's settings and options.
+
+services/cli.py calls register(). Kept free of torch and Triton so `genie --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from services.triton import protocol
+
+DESCRIPTION = ("Serves one part of a trained world as a Triton model service until SIGTERM/SIGINT (exit 0). "
+               "Exits with status 1 and one log line when it cannot serve: ports still taken after --port-wait-s, "
+               "the world fails to load, or tritonserver dies, so a supervisor (genie serve stack, Kubernetes) "
+               "restarts it.")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    checkpoint: Path
+    model_name: str
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    address: str = "0.0.0.0"
+    workspace_root: Path | None = None  # a fresh workspace is made inside it (default: the temp dir)
+    max_worlds: int = 256  # world caches kept; the least recently used is evicted beyond this
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500  # how long a step waits for others to join its batch
+    device: str = "cpu"
+    port_wait_s: float = 15.0  # how long a restart waits for a killed instance's tritonserver to free the ports
+
+
+OPTION_HELP = {
+    "grpc_port": "Triton gRPC port (the gateway's endpoint)", "http_port": "Triton HTTP port (health, /v2)",
+    "metrics_port": "Triton Prometheus port (nv_* metrics)",
+    "max_worlds": "world caches kept; the least recently used is evicted beyond this",
+    "max_batch_size": "most rows Triton's dynamic batcher merges into one execution",
+    "max_queue_delay_us": "how long a step waits for others to join its batch",
+}
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of one model service, shared by `python -m services.triton` and `genie serve KIND`."""
+    defaults = ServiceSettings(Path("."), "")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="trained world directory")
+    parser.add_argument("--model-name", required=True, help="the world model's name in the gateway")
+    for name, help_text in OPTION_HELP.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"{help_text} (default {getattr(defaults, name)})")
+    parser.add_argument("--address", default=defaults.address,
+                        help="interface every endpoint binds (default %(default)s)")
+    parser.add_argument("--workspace-root", type=Path, default=None,
+                        help="where the PyTriton workspace is made (default the temp dir; keep it short)")
+    parser.add_argument("--device", default=defaults.device,
+                        help="torch device: cpu, cuda, cuda:1 (default %(default)s)")
+    parser.add_argument("--port-wait-s", type=float, default=defaults.port_wait_s,
+                        help="how long to wait for busy ports before exiting with status 1 (default %(default)s)")
+
+
+def settings_from(args: argparse.Namespace) -> ServiceSettings:
+    return ServiceSettings(**{name: getattr(args, name) for name in (field.name for field in fields(ServiceSettings))})
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[str, ServiceSettings]:
+    parser = argparse.ArgumentParser(prog="python -m services.triton", description=DESCRIPTION)
+    parser.add_argument("kind", choices=protocol.SERVICE_KINDS)
+    add_service_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.kind, settings_from(args)
+
+
+def register(serve_sub: argparse._SubParsersAction) -> None:
+    for kind in protocol.SERVICE_KINDS:
+        service = serve_sub.add_parser(kind, help=f"the {kind} Triton model service", description=DESCRIPTION)
+        add_service_arguments(service)
+        service.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from services.triton.serve import run  # torch and Triton load only now
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(args.service, settings_from(args))

@@ -1,0 +1,76 @@
+"""A Triton model service that cannot serve exits non-zero with one clear log line, so a supervisor restarts it.
+
+Real `genie serve KIND` processes: a port held by another socket, a world that is not there, a tritonserver
+killed under a running service.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.triton.serve import children_named, process_alive
+from services.triton.stack import ServicePorts
+from tests.services.helpers import MODEL_NAME
+from tests.services.triton_stack import lone_service
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GENIE = str(Path(sys.executable).parent / "genie")
+
+
+def serve_command(kind: str, checkpoint: Path, ports: ServicePorts, *extra: str) -> list[str]:
+    return [GENIE, "serve", kind, "--checkpoint", str(checkpoint), "--model-name", MODEL_NAME,
+            "--address", "127.0.0.1", "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
+            "--metrics-port", str(ports.metrics), *extra]
+
+
+def run_to_exit(command: list[str], timeout_s: float = 300) -> tuple[int, str]:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    return done.returncode, done.stderr + done.stdout
+
+
+def test_serve_kind_help_lists_the_service_options():
+    done = subprocess.run([GENIE, "serve", "dynamics", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    for option in ("--checkpoint", "--grpc-port", "--max-worlds", "--max-queue-delay-us", "--port-wait-s", "--device"):
+        assert option in done.stdout
+
+
+def test_service_whose_port_is_taken_exits_non_zero_naming_the_port(world_checkpoint):
+    ports = ServicePorts.free()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports.grpc))
+        holder.listen()
+        code, output = run_to_exit(serve_command("dynamics", world_checkpoint, ports, "--port-wait-s", "1"))
+    assert code == 1, output  # checked before Triton starts: no 120 s wait for a tritonserver that failed to bind
+    assert f"the dynamics service cannot serve, exiting with status 1: port(s) grpc {ports.grpc} on 127.0.0.1 " \
+           "still in use after 1 s" in output
+
+
+def test_service_whose_world_does_not_load_exits_non_zero_with_the_reason(tmp_path):
+    code, output = run_to_exit(serve_command("tokenizer", tmp_path / "missing-world", ServicePorts.free()))
+    assert code == 1, output
+    assert "the tokenizer service cannot serve, exiting with status 1" in output
+    assert "missing-world" in output
+
+
+def test_service_exits_non_zero_when_its_tritonserver_dies(world_checkpoint, tmp_path):
+    service = lone_service("lam", world_checkpoint, MODEL_NAME, tmp_path, max_worlds=2)
+    service.start()
+    try:
+        service.wait_ready()
+        [server] = children_named(service.process.pid, "tritonserver")
+        os.kill(server, signal.SIGKILL)
+        assert service.process.wait(timeout=120) == 1
+        assert "tritonserver (pid" in service.log_tail() and "exited on its own" in service.log_tail()
+    finally:
+        service.stop()
+    assert not process_alive(server)
