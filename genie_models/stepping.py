@@ -37,7 +37,8 @@ class SessionSlots:
         self._slots: OrderedDict[Hashable, int] = OrderedDict()
         self._free = list(range(max_sessions - 1, -1, -1))
 
-    def open(self, key: Hashable) -> torch.Tensor:
+    def open(self, key: Hashable, first_position: int = 0) -> torch.Tensor:
+        """A cleared slot for `key` whose next frame will be at position first_position."""
         if key in self._slots:
             slot = self._slots.pop(key)
         elif self._free:
@@ -50,6 +51,7 @@ class SessionSlots:
         slots = torch.tensor([slot], device=self.device)
         if self.cache is not None:
             self.cache.reset(slots)
+            self.cache.next_position[slots] = first_position
         return slots
 
     def slots(self, keys: Sequence[Hashable]) -> torch.Tensor:
@@ -106,9 +108,13 @@ class DynamicsEngine:
                                       dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def start(self, session: Hashable, tokens: torch.Tensor, actions: torch.Tensor) -> None:
-        """(Re)build a session's cache from its history: tokens [T, S], actions [T] leading into each frame."""
-        slots = self.sessions.open(session)
+    def start(self, session: Hashable, tokens: torch.Tensor, actions: torch.Tensor, first_position: int = 0) -> None:
+        """(Re)build a session's cache from its history: tokens [T, S], actions [T] leading into each frame.
+
+        first_position: the world's frame index of tokens[0]. A rebuild from the last frames of a long world
+        must place them where they were, so rotary angles (and their rounding) match bit for bit.
+        """
+        slots = self.sessions.open(session, first_position)
         view = self.sessions.view(slots, commit=True)
         self.model(tokens[None].to(self.device), actions[None].to(self.device), cache=view)
         self.last_tokens[slots] = tokens[-1].to(self.device)
@@ -152,9 +158,10 @@ class FrameDecoder:
                                      device, dtype, evict_when_full)
 
     @torch.no_grad()
-    def start(self, session: Hashable, tokens: torch.Tensor) -> torch.Tensor:
-        """(Re)build a session's cache from its frame tokens [T, h, w]; returns those frames decoded."""
-        view = self.sessions.view(self.sessions.open(session), commit=True)
+    def start(self, session: Hashable, tokens: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+        """(Re)build a session's cache from its frame tokens [T, h, w] (tokens[0] is frame first_position);
+        returns those frames decoded."""
+        view = self.sessions.view(self.sessions.open(session, first_position), commit=True)
         return self.tokenizer.decode_step(tokens[None].to(self.device), view)[0]
 
     @torch.no_grad()

@@ -127,3 +127,21 @@ def test_a_per_frame_tokenizer_decodes_each_step_without_a_cache(tokenizer_confi
     assert pool.decoder.sessions.cache is None and world_id in pool.decoder.sessions
     pool.close(world_id)
     assert world_id not in pool.decoder.sessions
+
+
+def test_a_rebuild_from_the_last_frames_at_their_positions_continues_bit_identically(world_model):
+    from genie_models.stepping import DynamicsEngine, StepRequest
+    engine = DynamicsEngine(world_model.dynamics, max_sessions=2)
+    config = world_model.dynamics.config
+    history = world_model.history_frames()
+    tokens = torch.randint(0, config.num_codes, (history + 7, config.tokens_per_frame))
+    actions = torch.randint(0, config.num_actions, (history + 7,))
+    actions[0] = config.no_action_id
+    engine.start("long", tokens, actions)  # the whole life of the world
+    window = slice(len(tokens) - history, len(tokens))
+    engine.start("rebuilt", tokens[window], actions[window], first_position=window.start)
+    request = [StepRequest(name, 1, seed=3, step_index=len(tokens), num_steps=4, temperature=1.0)
+               for name in ("long", "rebuilt")]
+    for _ in range(3):
+        stepped = engine.step(request)
+        assert torch.equal(stepped[0], stepped[1])
