@@ -6,6 +6,7 @@ A backend joins the parametrization by adding one entry to GATEWAY_BACKENDS (nam
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from services.settings import GatewaySettings
 
 from tests.services.helpers import MAX_WORLDS, MODEL_NAME, open_channel
 from tests.services.triton_stack import triton_stack
+
+# Gateways the tests start as processes (`genie serve gateway`, `genie serve stack`) run without API keys
+# unless a test configures keys itself; auth is on by default everywhere else.
+os.environ.setdefault("GENIE_GATEWAY_AUTH", "none")
 
 
 def tiny_world_model() -> WorldModel:
@@ -58,7 +63,7 @@ def gateway_settings(overrides: dict) -> GatewaySettings:
     """Loopback, free ports, and limits small enough for the tests to reach."""
     values = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "max_worlds": MAX_WORLDS,
               "max_image_bytes": 2**20, "max_image_pixels": 1_000_000, "batch_window_ms": 5.0,
-              "shutdown_grace_s": 2.0} | overrides
+              "shutdown_grace_s": 2.0, "auth": "none"} | overrides
     return GatewaySettings(**values)
 
 
