@@ -22,6 +22,7 @@ from services.gateway.server import GatewayRuntime
 from services.settings import GatewaySettings
 
 from tests.services.helpers import MAX_WORLDS, MODEL_NAME, open_channel
+from tests.services.redis_server import redis_server
 from tests.services.triton_stack import triton_stack
 
 # Gateways the tests start as processes (`genie serve gateway`, `genie serve stack`) run without API keys
@@ -86,3 +87,10 @@ def stub(gateway) -> Iterator[world_pb2_grpc.WorldServiceStub]:
         with contextlib.suppress(grpc.RpcError):  # a test's own threads may have closed it meanwhile
             client.CloseWorld(pb.CloseWorldRequest(world_id=world.world_id))
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A private redis-server on a free loopback port for the session (installed if missing)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

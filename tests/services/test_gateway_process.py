@@ -10,30 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from tests.services.helpers import MODEL_NAME, encoded, free_port, open_channel, picture
+from tests.services.helpers import MODEL_NAME, encoded, free_port, picture, wait_serving
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_serving(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with open_channel(port) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
 
 
 def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_checkpoint, tmp_path):
@@ -42,7 +25,7 @@ def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_che
     server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "gateway", "--port", str(port),
                                "--model", f"{MODEL_NAME}={world_checkpoint}"], env=env, stderr=subprocess.PIPE)
     try:
-        _wait_serving(port)
+        wait_serving(port)
         image = tmp_path / "prompt.jpg"
         image.write_bytes(encoded(picture(120, 90), "JPEG"))
         result = subprocess.run([sys.executable, "-m", "services.cli", "client", "play", "--address",
