@@ -13,6 +13,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,6 +76,11 @@ def _rpc(scope: str) -> Callable:
     return decorate
 
 
+def _consume_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class WorldServicer(world_pb2_grpc.WorldServiceServicer):
     def __init__(self, gateway: Gateway, metrics: GatewayMetrics, auth: Authenticator, executor: ThreadPoolExecutor):
         self.gateway, self.metrics, self.auth, self.executor = gateway, metrics, auth, executor
@@ -100,20 +106,28 @@ class WorldServicer(world_pb2_grpc.WorldServiceServicer):
                     context: grpc.aio.ServicerContext) -> Frame:
         if self.auth.enabled:
             self.quota.take(caller.name)
+        arrived = time.perf_counter()
         future = await self._blocking(self.gateway.submit_step, caller.name, world_id, action, expected_step)
+        self.metrics.step_phase.labels("submit").observe(time.perf_counter() - arrived)
         remaining = context.time_remaining()
         timeout = min(self.gateway.settings.step_deadline_s, remaining if remaining is not None else float("inf"))
+        waiting = asyncio.wrap_future(future)
         try:  # shield: a caller giving up must not cancel a step that may already be applied
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), max(0.0, timeout))
+            return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, timeout))
         except asyncio.TimeoutError as error:
+            waiting.add_done_callback(_consume_outcome)  # its outcome is in the world store; no one awaits it
             raise DeadlineExceeded("the step did not finish before the deadline; it may still complete: retry "
                                    "with expected_step set to get its frame without stepping twice") from error
 
     async def _frame(self, frame: Frame, requested_format: int) -> pb.Frame:
+        started = time.perf_counter()
         frame_format = convert.frame_format(requested_format, frame.output_format)
         if frame_format == pb.FRAME_FORMAT_PNG:  # compressing is CPU work: off the event loop
-            return await self._blocking(convert.frame_message, frame.pixels, frame_format)
-        return convert.frame_message(frame.pixels, frame_format)
+            message = await self._blocking(convert.frame_message, frame.pixels, frame_format)
+        else:
+            message = convert.frame_message(frame.pixels, frame_format)
+        self.metrics.step_phase.labels("encode").observe(time.perf_counter() - started)
+        return message
 
     @_rpc(PLAY)
     async def StepWorld(self, caller: Caller, request: pb.StepWorldRequest, context) -> pb.StepWorldResponse:

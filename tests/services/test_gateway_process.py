@@ -20,8 +20,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_checkpoint, tmp_path):
+    """With an API key from a secret file on both sides; the key never reaches the gateway's log."""
     port, metrics_port = free_port(), free_port()
-    env = os.environ | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_METRICS_PORT": str(metrics_port)}
+    key = "process-test-key-8d1c4f"
+    (tmp_path / "gateway-keys").write_text(f"tester {key}\n")
+    (tmp_path / "client-key").write_text(key)
+    env = os.environ | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_METRICS_PORT": str(metrics_port),
+                        "GENIE_GATEWAY_AUTH": "api-key", "GENIE_GATEWAY_API_KEYS_FILE": str(tmp_path / "gateway-keys")}
     server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "gateway", "--port", str(port),
                                "--model", f"{MODEL_NAME}={world_checkpoint}"], env=env, stderr=subprocess.PIPE)
     try:
@@ -30,6 +35,7 @@ def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_che
         image.write_bytes(encoded(picture(120, 90), "JPEG"))
         result = subprocess.run([sys.executable, "-m", "services.cli", "client", "play", "--address",
                                  f"127.0.0.1:{port}", "--image", str(image), "--actions", "0,1,2",
+                                 "--api-key-file", str(tmp_path / "client-key"),
                                  "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["frames"] == 4
@@ -41,5 +47,7 @@ def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_che
         if server.poll() is None:
             server.kill()
             server.wait()
-    logs = [json.loads(line) for line in server.stderr.read().decode().splitlines() if line.startswith("{")]
+    stderr = server.stderr.read().decode()
+    assert key not in stderr
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert {"gateway serving", "gateway stopped"} <= {entry["message"] for entry in logs}
