@@ -6,8 +6,8 @@ against a real gateway process over gRPC (`--backend inprocess|triton`). Prints 
 Each row also breaks a step down by hop inside the gateway (mean ms, from its genie_step_phase_seconds
 metric: submit, queue = batch wait, backend, commit = world store, encode) and the rest ("grpc": the
 client's latency minus the gateway's hops: transport and message (de)serialization). The engine's own
-step time for the same world (genie_models.World.step, in this process) is the baseline of
-the 1-session ratio. The triton backend starts the three model services (services.triton.stack).
+step time for an equal world (genie_models.World.step, in this process, alternating step by step
+with the gateway's so both see the same load) is the baseline of the 1-session ratio. The triton backend starts the three model services (services.triton.stack).
 """
 
 from __future__ import annotations
@@ -65,23 +65,41 @@ def backend_settings(backend: str, checkpoint: Path, max_worlds: int,
 PHASES = ("submit", "queue", "backend", "commit", "encode")
 
 
-def engine_step_ms(checkpoint: Path, steps: int, device: str) -> float:
-    """p50 of genie_models.World.step on one world: the engine's own step time, no serving around it."""
-    import torch
-
+def engine_world(checkpoint: Path, device: str):
+    """One genie_models.World on the checkpoint, reset: the engine alone, no serving around it."""
     from genie_models import World
     from genie_models.world_model import WorldModel
 
     model = WorldModel.load(checkpoint, device=device)
     world = World(model, seed=0, device=device)
     world.reset(np.zeros((64, 64, 3), np.uint8))
-    times = []
+    return world, model.num_actions
+
+
+def paired_one_session(address: str, checkpoint: Path, steps: int, device: str) -> dict[str, float]:
+    """Alternates one engine step (this process) and one gateway step of an equal world, so both see the
+    same machine load (a 2-core machine shared with training is too noisy for separate runs)."""
+    import torch
+
+    world, num_actions = engine_world(checkpoint, device)
+    channel, stub = connect(address)
+    prompt = pb.PromptImage(raw=pb.RawImage(rgb=bytes(64 * 64 * 3), width=64, height=64))
+    world_id = stub.CreateWorld(pb.CreateWorldRequest(model=MODEL_NAME, prompt=prompt)).world.world_id
+    engine, served = [], []
     with torch.no_grad():
-        for index in range(steps + 3):
+        for index in range(steps + 2):
             started = time.perf_counter()
-            world.step(index % model.num_actions)
-            times.append(time.perf_counter() - started)
-    return float(np.percentile(times[3:], 50) * 1000)
+            world.step(index % num_actions)
+            engine.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=index % num_actions))
+            served.append(time.perf_counter() - started)
+    stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+    channel.close()
+    engine_ms, served_ms = np.median(engine[2:]) * 1000, np.median(served[2:]) * 1000
+    return {"engine_p50_ms": float(engine_ms), "gateway_p50_ms": float(served_ms),
+            "ratio_of_medians": float(served_ms / engine_ms),
+            "median_pair_ratio": float(np.median(np.array(served[2:]) / np.array(engine[2:])))}
 
 
 def phase_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
@@ -162,26 +180,28 @@ def measure(address: str, metrics_url: str, sessions: int, steps: int, num_actio
             "frames_per_s": sessions * steps / elapsed, **hops}
 
 
-def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int,
-                max_queue_delay_us: int, device: str) -> list[dict[str, float]]:
+def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int, max_queue_delay_us: int,
+                device: str) -> tuple[list[dict[str, float]], dict[str, float]]:
     with backend_settings(backend, checkpoint, max(levels), max_queue_delay_us, device) as env, \
             running_gateway(env, max(levels)) as (address, metrics_url):
         channel, stub = connect(address)
         with channel:
             num_actions = stub.ListModels(pb.ListModelsRequest()).models[0].num_actions
         measure(address, metrics_url, 1, 3, num_actions)  # warm-up
-        return [measure(address, metrics_url, n, steps, num_actions) for n in levels]
+        rows = [measure(address, metrics_url, n, steps, num_actions) for n in levels]
+        return rows, paired_one_session(address, checkpoint, steps, device)
 
 
-def print_rows(backend: str, rows: list[dict[str, float]], engine_ms: float) -> None:
+def print_rows(backend: str, rows: list[dict[str, float]], paired: dict[str, float]) -> None:
     print(f"{backend}:")
     hops = [*PHASES, "grpc"]
     print(f"{'sessions':>8} {'p50 ms':>8} {'p99 ms':>8} {'frames/s':>9}  mean ms per hop: " + " ".join(f"{h:>7}" for h in hops))
     for row in rows:
         print(f"{row['sessions']:>8} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['frames_per_s']:>9.1f}  "
               f"{'':>16}" + " ".join(f"{row[f'{h}_ms']:>7.2f}" for h in hops))
-    print(f"engine's own step (genie_models.World.step, p50): {engine_ms:.1f} ms; 1 session through the gateway: "
-          f"{rows[0]['p50_ms'] / engine_ms:.2f}x")
+    print(f"1 session, alternating with the engine's own step (genie_models.World.step): engine p50 "
+          f"{paired['engine_p50_ms']:.1f} ms, gateway p50 {paired['gateway_p50_ms']:.1f} ms, "
+          f"{paired['ratio_of_medians']:.2f}x (median of per-step ratios {paired['median_pair_ratio']:.2f}x)")
     print(f"throughput {rows[-1]['sessions']} vs {rows[0]['sessions']} sessions: "
           f"{rows[-1]['frames_per_s'] / rows[0]['frames_per_s']:.2f}x")
 
@@ -212,23 +232,21 @@ def main() -> None:
     if unknown := set(backends) - set(BACKENDS):
         parser.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     levels = [int(n) for n in args.sessions.split(",")]
-    results = {}
+    results, paired = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or checkpoint_for(args.preset, Path(scratch))
-        engine_ms = engine_step_ms(checkpoint, args.steps, args.device)
         for backend in backends:
-            results[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us,
+            results[backend], paired[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us,
                                            args.device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = args.checkpoint.name if args.checkpoint else args.preset
     for backend, rows in results.items():
-        print_rows(backend, rows, engine_ms)
+        print_rows(backend, rows, paired[backend])
         settings = {"steps": args.steps, "max_queue_delay_us": args.max_queue_delay_us, "cpus": os.cpu_count(),
                     "device": args.device}
         (args.out_dir / f"serving-{name}-{backend}.json").write_text(json.dumps(
             {"backend": backend, "preset": args.preset, "checkpoint": str(args.checkpoint or ""),
-             "settings": settings, "engine_step_p50_ms": engine_ms,
-             "one_session_vs_engine": rows[0]["p50_ms"] / engine_ms, "rows": rows}, indent=2))
+             "settings": settings, "one_session_vs_engine": paired[backend], "rows": rows}, indent=2))
     if len(backends) == 2:
         print_ratios(results, backends[1], backends[0])
 

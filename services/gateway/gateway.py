@@ -227,8 +227,7 @@ class Gateway:
         world.needs_rebuild = False
 
     def get_world(self, owner: str, world_id: str) -> WorldRecord:
-        world = self.worlds.get(world_id)
-        record = world.record if world is not None else self.store.load(world_id)
+        record = self.store.load(world_id)  # the truth: another gateway may have stepped it
         if record is None or record.owner != owner:
             raise _not_found(world_id)
         return record

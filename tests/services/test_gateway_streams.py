@@ -61,11 +61,16 @@ async def _open_streams_and_measure(port: int) -> dict:
                                            for s in range(start, start + 100)))
             worlds += [created.world.world_id for created in batch]
         streams = [_Stream(stub, world_id) for world_id in worlds]
-        single = [await streams[0].step(i % 4) for i in range(40)]  # one stream alone, one step at a time
+        await streams[0].step(0)
         await asyncio.sleep(0.5)  # every stream is open and idle now
         threads_with_open_streams = threading.active_count()
         rss_open = _rss_bytes()
-        spread = [await stream.step(1) for stream in streams]  # the same load, spread over all streams
+        # One step in flight at a time, alternating between stream 0 (the single-stream baseline) and each
+        # other stream in turn, so both see the same machine load (CI shares its 2 cores).
+        single, spread = [], []
+        for stream in streams[1:]:
+            single.append(await streams[0].step(1))
+            spread.append(await stream.step(1))
         for stream in streams:
             await stream.actions.put(None)
             assert await stream.call.read() == grpc.aio.EOF
@@ -84,10 +89,11 @@ def test_a_thousand_open_play_streams_hold_no_threads_and_each_gets_frames_promp
         runtime.stop(grace_s=1)
     single_ms, spread = statistics.median(result["single"]) * 1e3, [s * 1e3 for s in result["spread"]]
     p95_ms = statistics.quantiles(spread, n=20)[-1]
-    print(f"\n{STREAMS} open streams: single-stream p50 {single_ms:.2f} ms; across streams p50 "
+    print(f"\n{STREAMS} open streams: single stream p50 {single_ms:.2f} ms; across streams p50 "
           f"{statistics.median(spread):.2f} ms, p95 {p95_ms:.2f} ms, max {max(spread):.2f} ms; threads "
           f"{result['threads']} (before {threads_before}); memory per idle world "
           f"{result['memory_per_idle_world_bytes'] / 1024:.0f} KiB (gateway and client together)")
     assert result["threads"] < threads_before + 64, "open streams hold threads"
-    assert len(spread) == STREAMS  # every stream got its frame
-    assert statistics.median(spread) <= 2 * single_ms and p95_ms <= 2 * single_ms + 5
+    assert len(spread) == STREAMS - 1  # every other stream got its frame
+    single_p95_ms = statistics.quantiles(result["single"], n=20)[-1] * 1e3
+    assert statistics.median(spread) <= 2 * single_ms and p95_ms <= 2 * single_p95_ms
