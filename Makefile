@@ -33,8 +33,8 @@ test-fast: venv  ## unit tests only (no servers, no training)
 bench: venv  ## CPU benchmarks of training and world stepping (see README)
 	$(BIN)/python bench/bench_models.py --preset $(PRESET)
 
-serve: venv  ## serve WORLD (default out/demo/world): Triton services + gateway on :50051 (genie serve stack --help)
-	$(BIN)/genie serve stack --world $(WORLD)
+serve: venv  ## serve WORLD (default out/demo/world): Triton services + gateway on 127.0.0.1:50051, auth off (development)
+	GENIE_GATEWAY_AUTH=$${GENIE_GATEWAY_AUTH:-none} $(BIN)/genie serve stack --world $(WORLD)
 
 lock:  ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/pip install --quiet -r requirements.in

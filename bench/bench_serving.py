@@ -3,7 +3,11 @@ against a real gateway process over gRPC (`--backend inprocess|triton`). Prints 
 
     python bench/bench_serving.py --backends inprocess,triton --preset tiny   # both, and their ratios
 
-The triton backend starts the three model services (services.triton.stack) beside the gateway.
+Each row also breaks a step down by hop inside the gateway (mean ms, from its genie_step_phase_seconds
+metric: submit, queue = batch wait, backend, commit = world store, encode) and the rest ("grpc": the
+client's latency minus the gateway's hops: transport and message (de)serialization). The engine's own
+step time for an equal world (genie_models.World.step, in this process, alternating step by step
+with the gateway's so both see the same load) is the baseline of the 1-session ratio. The triton backend starts the three model services (services.triton.stack).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,11 +62,66 @@ def backend_settings(backend: str, checkpoint: Path, max_worlds: int,
             yield stack.gateway_environment()
 
 
+PHASES = ("submit", "queue", "backend", "commit", "encode")
+
+
+def engine_world(checkpoint: Path, device: str):
+    """One genie_models.World on the checkpoint, reset: the engine alone, no serving around it."""
+    from genie_models import World
+    from genie_models.world_model import WorldModel
+
+    model = WorldModel.load(checkpoint, device=device)
+    world = World(model, seed=0, device=device)
+    world.reset(np.zeros((64, 64, 3), np.uint8))
+    return world, model.num_actions
+
+
+def paired_one_session(address: str, checkpoint: Path, steps: int, device: str) -> dict[str, float]:
+    """Alternates one engine step (this process) and one gateway step of an equal world, so both see the
+    same machine load (a 2-core machine shared with training is too noisy for separate runs)."""
+    import torch
+
+    world, num_actions = engine_world(checkpoint, device)
+    channel, stub = connect(address)
+    prompt = pb.PromptImage(raw=pb.RawImage(rgb=bytes(64 * 64 * 3), width=64, height=64))
+    world_id = stub.CreateWorld(pb.CreateWorldRequest(model=MODEL_NAME, prompt=prompt)).world.world_id
+    engine, served = [], []
+    with torch.no_grad():
+        for index in range(steps + 2):
+            started = time.perf_counter()
+            world.step(index % num_actions)
+            engine.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=index % num_actions))
+            served.append(time.perf_counter() - started)
+    stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+    channel.close()
+    engine_ms, served_ms = np.median(engine[2:]) * 1000, np.median(served[2:]) * 1000
+    return {"engine_p50_ms": float(engine_ms), "gateway_p50_ms": float(served_ms),
+            "ratio_of_medians": float(served_ms / engine_ms),
+            "median_pair_ratio": float(np.median(np.array(served[2:]) / np.array(engine[2:])))}
+
+
+def phase_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """phase -> (sum seconds, count) of the gateway's genie_step_phase_seconds histogram."""
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    totals = {phase: [0.0, 0.0] for phase in PHASES}
+    for line in text.splitlines():
+        for phase in PHASES:
+            if line.startswith(f'genie_step_phase_seconds_sum{{phase="{phase}"}}'):
+                totals[phase][0] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(f'genie_step_phase_seconds_count{{phase="{phase}"}}'):
+                totals[phase][1] = float(line.rsplit(" ", 1)[1])
+    return {phase: (total, count) for phase, (total, count) in totals.items()}
+
+
 @contextlib.contextmanager
-def running_gateway(env_overrides: dict[str, str], max_worlds: int) -> Iterator[str]:
-    port = free_port()
+def running_gateway(env_overrides: dict[str, str], max_worlds: int) -> Iterator[tuple[str, str]]:
+    port, metrics_port = free_port(), free_port()
+    # Auth off: a benchmark on loopback (API-key checks cost one SHA-256 per call).
     env = os.environ | env_overrides | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_PORT": str(port),
-                                        "GENIE_GATEWAY_METRICS_PORT": "0", "GENIE_GATEWAY_MAX_WORLDS": str(max_worlds),
+                                        "GENIE_GATEWAY_METRICS_PORT": str(metrics_port),
+                                        "GENIE_GATEWAY_MAX_WORLDS": str(max_worlds), "GENIE_GATEWAY_AUTH": "none",
                                         "GENIE_GATEWAY_LOG_LEVEL": "WARNING"}
     process = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env)
     try:
@@ -76,13 +136,13 @@ def running_gateway(env_overrides: dict[str, str], max_worlds: int) -> Iterator[
                     if time.monotonic() > deadline or process.poll() is not None:
                         raise
                     time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         process.terminate()
         process.wait(timeout=60)
 
 
-def measure(address: str, sessions: int, steps: int, num_actions: int) -> dict[str, float]:
+def measure(address: str, metrics_url: str, sessions: int, steps: int, num_actions: int) -> dict[str, float]:
     """Each session creates a world and steps it `steps` times in its own thread."""
     channel, stub = connect(address)
     prompt = pb.PromptImage(raw=pb.RawImage(rgb=bytes(64 * 64 * 3), width=64, height=64))
@@ -102,34 +162,46 @@ def measure(address: str, sessions: int, steps: int, num_actions: int) -> dict[s
     threads = [threading.Thread(target=play, args=(w,)) for w in worlds]
     for thread in threads:
         thread.start()
+    before = phase_totals(metrics_url)
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    after = phase_totals(metrics_url)
     for world_id in worlds:
         stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
     channel.close()
+    hops = {f"{phase}_ms": 1000 * (after[phase][0] - before[phase][0]) / max(1.0, after[phase][1] - before[phase][1])
+            for phase in PHASES}
+    hops["grpc_ms"] = float(np.mean(latencies) * 1000) - sum(hops.values())
     return {"sessions": sessions, "p50_ms": float(np.percentile(latencies, 50) * 1000),
-            "p99_ms": float(np.percentile(latencies, 99) * 1000), "frames_per_s": sessions * steps / elapsed}
+            "p99_ms": float(np.percentile(latencies, 99) * 1000), "mean_ms": float(np.mean(latencies) * 1000),
+            "frames_per_s": sessions * steps / elapsed, **hops}
 
 
-def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int,
-                max_queue_delay_us: int, device: str) -> list[dict[str, float]]:
+def run_backend(backend: str, checkpoint: Path, levels: list[int], steps: int, max_queue_delay_us: int,
+                device: str) -> tuple[list[dict[str, float]], dict[str, float]]:
     with backend_settings(backend, checkpoint, max(levels), max_queue_delay_us, device) as env, \
-            running_gateway(env, max(levels)) as address:
+            running_gateway(env, max(levels)) as (address, metrics_url):
         channel, stub = connect(address)
         with channel:
             num_actions = stub.ListModels(pb.ListModelsRequest()).models[0].num_actions
-        measure(address, 1, 3, num_actions)  # warm-up
-        return [measure(address, n, steps, num_actions) for n in levels]
+        measure(address, metrics_url, 1, 3, num_actions)  # warm-up
+        rows = [measure(address, metrics_url, n, steps, num_actions) for n in levels]
+        return rows, paired_one_session(address, checkpoint, steps, device)
 
 
-def print_rows(backend: str, rows: list[dict[str, float]]) -> None:
+def print_rows(backend: str, rows: list[dict[str, float]], paired: dict[str, float]) -> None:
     print(f"{backend}:")
-    print(f"{'sessions':>8} {'p50 ms':>8} {'p99 ms':>8} {'frames/s':>9}")
+    hops = [*PHASES, "grpc"]
+    print(f"{'sessions':>8} {'p50 ms':>8} {'p99 ms':>8} {'frames/s':>9}  mean ms per hop: " + " ".join(f"{h:>7}" for h in hops))
     for row in rows:
-        print(f"{row['sessions']:>8} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['frames_per_s']:>9.1f}")
+        print(f"{row['sessions']:>8} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['frames_per_s']:>9.1f}  "
+              f"{'':>16}" + " ".join(f"{row[f'{h}_ms']:>7.2f}" for h in hops))
+    print(f"1 session, alternating with the engine's own step (genie_models.World.step): engine p50 "
+          f"{paired['engine_p50_ms']:.1f} ms, gateway p50 {paired['gateway_p50_ms']:.1f} ms, "
+          f"{paired['ratio_of_medians']:.2f}x (median of per-step ratios {paired['median_pair_ratio']:.2f}x)")
     print(f"throughput {rows[-1]['sessions']} vs {rows[0]['sessions']} sessions: "
           f"{rows[-1]['frames_per_s'] / rows[0]['frames_per_s']:.2f}x")
 
@@ -160,21 +232,21 @@ def main() -> None:
     if unknown := set(backends) - set(BACKENDS):
         parser.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")
     levels = [int(n) for n in args.sessions.split(",")]
-    results = {}
+    results, paired = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.checkpoint or checkpoint_for(args.preset, Path(scratch))
         for backend in backends:
-            results[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us,
+            results[backend], paired[backend] = run_backend(backend, checkpoint, levels, args.steps, args.max_queue_delay_us,
                                            args.device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = args.checkpoint.name if args.checkpoint else args.preset
     for backend, rows in results.items():
-        print_rows(backend, rows)
+        print_rows(backend, rows, paired[backend])
         settings = {"steps": args.steps, "max_queue_delay_us": args.max_queue_delay_us, "cpus": os.cpu_count(),
                     "device": args.device}
         (args.out_dir / f"serving-{name}-{backend}.json").write_text(json.dumps(
             {"backend": backend, "preset": args.preset, "checkpoint": str(args.checkpoint or ""),
-             "settings": settings, "rows": rows}, indent=2))
+             "settings": settings, "one_session_vs_engine": paired[backend], "rows": rows}, indent=2))
     if len(backends) == 2:
         print_ratios(results, backends[1], backends[0])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument("--model", default="", help="model name (default: the gateway's first model)")
     play.add_argument("--seed", type=int, default=0)
     play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
+    play.add_argument("--api-key-file", type=Path, help="file holding the API key (default: $GENIE_API_KEY)")
+    play.add_argument("--ca-file", type=Path, help="CA certificate of a TLS gateway (default: plaintext)")
     play.set_defaults(handler=_client_play)
 
 
@@ -114,7 +117,8 @@ def _client_play(args: argparse.Namespace) -> None:
     from services.client import connect, play, save_frames
 
     actions = [int(a) for a in args.actions.split(",") if a.strip()]
-    channel, stub = connect(args.address)
+    api_key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("GENIE_API_KEY")
+    channel, stub = connect(args.address, api_key, args.ca_file)
     with channel:
         frames = play(stub, args.image, actions, args.model, args.seed)
     gif = save_frames(frames, args.out)

@@ -18,9 +18,35 @@ from genie.v1 import world_pb2_grpc
 MAX_MESSAGE_BYTES = 32 * 2**20
 
 
-def connect(address: str) -> tuple[grpc.Channel, world_pb2_grpc.WorldServiceStub]:
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call."""
+
+    def __init__(self, key: str):
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        # grpc hands interceptors a namedtuple of call details
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_key(details), request_iterator)
+
+
+def connect(address: str, api_key: str | None = None,
+            ca_file: Path | None = None) -> tuple[grpc.Channel, world_pb2_grpc.WorldServiceStub]:
+    """A channel to the gateway: TLS when ca_file (the CA that signed the gateway's certificate) is given,
+    every call carrying api_key when given."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if ca_file is not None:
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca_file.read_bytes()), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    if api_key:
+        channel = grpc.intercept_channel(channel, _ApiKey(api_key))
     return channel, world_pb2_grpc.WorldServiceStub(channel)
 
 

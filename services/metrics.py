@@ -27,6 +27,10 @@ class GatewayMetrics:
                                       ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.rpc_errors = Counter("genie_rpc_errors", "RPCs that ended with a non-OK status",
                                   ["method", "code"], registry=self.registry)
+        self.step_phase = Histogram("genie_step_phase_seconds", "Time of each hop of a step in the gateway: "
+                                    "submit (validate, hand to the batcher), queue (batch wait), backend, commit "
+                                    "(world store), encode (frame message)", ["phase"], buckets=LATENCY_BUCKETS,
+                                    registry=self.registry)
         self.batch_size = Histogram("genie_batch_size", "Worlds stepped per backend call",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
 

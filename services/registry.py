@@ -1,4 +1,5 @@
-"""The plugin registry: pieces that vary (model backends, checkpoint stores, video sources) chosen by name.
+"""The plugin registry: pieces that vary (model backends, checkpoint stores, video sources, world stores)
+chosen by name.
 
 Built-in and third-party plugins register through Python entry points (group `genie.<kind>`), so a
 package adds a plugin by being installed; `register` also lets code and tests add one directly.
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-KINDS = ("backends", "stores", "sources")
+KINDS = ("backends", "stores", "sources", "worlds")
 
 _registered: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 

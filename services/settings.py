@@ -5,7 +5,10 @@ Every field can be set with an environment variable `<PREFIX><FIELD>` (e.g. GENI
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,7 +17,7 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GENIE_GATEWAY_", frozen=True)
 
-    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind (0.0.0.0: all interfaces)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
     backend: str = Field("inprocess", description="model backend plugin (entry point group genie.backends)")
@@ -30,9 +33,32 @@ class GatewaySettings(BaseSettings):
     batch_window_ms: float = Field(2.0, ge=0, description="how long a step waits for others to share its batch")
     max_batch: int = Field(64, ge=1, description="most worlds stepped in one backend call")
     max_message_bytes: int = Field(32 * 2**20, ge=2**20, description="gRPC send/receive message size limit")
-    rpc_threads: int = Field(128, ge=4, description="gRPC worker threads; each open Play stream holds one")
+    rpc_threads: int = Field(32, ge=2, description="threads for blocking work (image decode, world store); "
+                             "open Play streams hold none")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time in-flight calls get to finish on SIGTERM")
     log_level: str = Field("INFO", description="logging level of the JSON log lines")
+    # World store (services/worldstore): where each world's truth lives, so it outlives this process.
+    world_store: str = Field("memory", description="world store plugin (entry point group genie.worlds): "
+                             "memory (this process only) or redis (shared, survives restarts)")
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"),
+                                 description="world_store=redis: redis://[:PASSWORD@]HOST:PORT/DB (never logged)")
+    redis_timeout_s: float = Field(2.0, gt=0, description="world_store=redis: connect and command timeout")
+    world_store_prefix: str = Field("genie:", description="world_store=redis: key prefix of this deployment")
+    # Callers (services/gateway/auth.py). Keys are hashed when read; only hashes are kept.
+    auth: Literal["api-key", "none"] = Field(
+        "api-key", description="api-key: every WorldService call needs a known key; none: no auth (development "
+        "only; every caller is 'anonymous')")
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict, description='caller name -> API key or "sha256:HEX" of it, JSON '
+        '(prefer api_keys_file: environment variables leak into process listings)')
+    api_keys_file: Path | None = Field(None, description="secret file, one 'NAME KEY' or 'NAME sha256:HEX' per line")
+    max_worlds_per_key: int = Field(16, ge=1, description="open worlds one caller may hold")
+    steps_per_second_per_key: float = Field(200.0, gt=0, description="sustained steps/s one caller may run "
+                                            "(bursts up to one second's worth) on this gateway")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS (with tls_key_file)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: require client certificates it "
+                                            "signed (mTLS)")
     # Used only by backend="triton" (services/backends/triton.py): where each model's three Triton services
     # listen. JSON: {"coinrun": {"tokenizer": "10.0.0.5:8001", "lam": "10.0.0.6:8001", "dynamics": "10.0.0.7:8001"}}
     triton_endpoints: dict[str, dict[str, str]] = Field(

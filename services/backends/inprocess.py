@@ -20,12 +20,14 @@ from services.settings import GatewaySettings
 
 
 def model_info(world: WorldModel, name: str) -> ModelInfo:
-    """What a backend reports about a loaded world; `context_frames` is the history the gateway must
-    keep to rebuild a world's caches exactly (the models' receptive field in frames)."""
+    """What a backend reports about a loaded world; `history_frames` is the history the gateway must
+    keep to rebuild a world's caches exactly (the models' receptive field in frames), `window_frames`
+    the dynamics model's own temporal window."""
     dynamics, tokenizer = world.dynamics.config, world.tokenizer.config
     return ModelInfo(name=name, num_actions=world.num_actions, image_size=world.image_size,
-                     grid_size=tokenizer.grid_size, context_frames=world.history_frames(),
-                     default_maskgit_steps=dynamics.num_maskgit_steps, default_temperature=dynamics.temperature)
+                     grid_size=tokenizer.grid_size, history_frames=world.history_frames(),
+                     default_maskgit_steps=dynamics.num_maskgit_steps, default_temperature=dynamics.temperature,
+                     window_frames=dynamics.context_frames)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.backends.base import ModelBackend, StepResult, WorldsNotCached, WorldStep
 
@@ -21,11 +22,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PendingStep:
+    """One world's step in a batch. The future gets commit()'s value, or the error that stopped the step.
+
+    A step that fails leaves its world exactly as before: commit() runs only after the backend
+    succeeded, and on any failure on_failure() marks the world for a cache rebuild, because the
+    backend may have advanced some worlds of a failed batch (or of a partly failed one) already.
+    """
+
     step: WorldStep
-    rebuild: Callable[[], None]  # restarts this world's backend caches from its history
-    on_result: Callable[[StepResult], None]  # commits the step to the world before the caller wakes
-    on_done: Callable[[], None]  # always runs last (releases the world for its next step)
+    needs_rebuild: bool  # restart this world's backend caches from its history before stepping
+    rebuild: Callable[[], None]
+    commit: Callable[[StepResult], Any]  # writes the step to the world (store first) -> the future's value
+    on_failure: Callable[[BaseException], None]
     future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0  # the batch's backend call began
+    finished_at: float = 0.0  # the backend call returned
+
+    def complete(self, result: StepResult) -> None:
+        try:
+            value = self.commit(result)
+        except BaseException as error:  # noqa: BLE001 - this step fails alone; the batch thread lives on
+            self.fail(error)
+            return
+        self.future.set_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        self.on_failure(error)
+        self.future.set_exception(error)
 
 
 class StepBatcher:
@@ -73,20 +97,23 @@ class StepBatcher:
 
     def _execute(self, batch: list[PendingStep]) -> None:
         self._observe_batch(len(batch))
+        started = time.perf_counter()
         try:
-            results = self._step_rebuilding_lost(batch)
+            results = self._step_rebuilding(batch)
         except Exception as error:  # noqa: BLE001 - handed to every caller of the batch; this thread must live on
             log.warning("batch of %d steps on %s failed: %s", len(batch), self.model, error)
             for pending in batch:
-                pending.on_done()
-                pending.future.set_exception(error)
+                pending.fail(error)
             return
+        finished = time.perf_counter()
         for pending, result in zip(batch, results):
-            pending.on_result(result)
-            pending.on_done()
-            pending.future.set_result(result)
+            pending.started_at, pending.finished_at = started, finished
+            pending.complete(result)
 
-    def _step_rebuilding_lost(self, batch: list[PendingStep]) -> list[StepResult]:
+    def _step_rebuilding(self, batch: list[PendingStep]) -> list[StepResult]:
+        for pending in batch:
+            if pending.needs_rebuild:
+                pending.rebuild()
         steps = [pending.step for pending in batch]
         try:
             return self.backend.step_worlds(self.model, steps)

@@ -13,9 +13,10 @@ from PIL import Image
 from genie.v1 import world_pb2 as pb
 from services.backends.base import ModelInfo
 from services.gateway.errors import InvalidArgument
-from services.gateway.gateway import Frame, SamplingRequest
+from services.gateway.gateway import SamplingRequest
 from services.gateway.prompts import ImageLimits, decode_encoded, decode_raw
-from services.gateway.worlds import World
+from services.gateway.worlds import idle_seconds
+from services.worldstore.base import WorldRecord
 
 
 def prompt_image(prompt: pb.PromptImage, limits: ImageLimits) -> np.ndarray:
@@ -50,20 +51,16 @@ def frame_format(requested: int, default: int) -> int:
     return requested or default
 
 
-def world_message(world: World) -> pb.World:
-    sampling = pb.SamplingParams(num_maskgit_steps=world.sampling.num_maskgit_steps,
-                                 temperature=world.sampling.temperature, seed=world.sampling.seed)
-    return pb.World(world_id=world.world_id, model=world.model, sampling=sampling,
-                    output_format=world.output_format or pb.FRAME_FORMAT_RAW_RGB, step=world.step_count,
-                    idle_seconds=world.idle_seconds())
+def world_message(record: WorldRecord) -> pb.World:
+    sampling = pb.SamplingParams(num_maskgit_steps=record.num_maskgit_steps, temperature=record.temperature,
+                                 seed=record.seed)
+    return pb.World(world_id=record.world_id, model=record.model, sampling=sampling,
+                    output_format=record.output_format or pb.FRAME_FORMAT_RAW_RGB, step=record.step,
+                    idle_seconds=idle_seconds(record))
 
 
 def model_message(info: ModelInfo) -> pb.Model:
     return pb.Model(name=info.name, num_actions=info.num_actions, image_size=info.image_size,
                     default_num_maskgit_steps=info.default_maskgit_steps,
-                    default_temperature=info.default_temperature, context_frames=info.context_frames)
-
-
-def step_response(frame: Frame, world: World, requested_format: int) -> pb.StepWorldResponse:
-    return pb.StepWorldResponse(world_id=frame.world_id, step=frame.step,
-                                frame=frame_message(frame.pixels, frame_format(requested_format, world.output_format)))
+                    default_temperature=info.default_temperature, history_frames=info.history_frames,
+                    window_frames=info.window_frames)

@@ -26,3 +26,19 @@ class DeadlineExceeded(GatewayError):
 
 class Unavailable(GatewayError):
     pass
+
+
+class FailedPrecondition(GatewayError):
+    """The request does not fit the world's current state (e.g. an expected_step that is not next)."""
+
+
+class Aborted(GatewayError):
+    """Another gateway changed the world at the same time; nothing was applied by this call."""
+
+
+class Unauthenticated(GatewayError):
+    pass
+
+
+class PermissionDenied(GatewayError):
+    pass

@@ -1,6 +1,9 @@
 """The gateway's domain facade: create, step, describe and close worlds against one model backend.
 
 Plain Python (no gRPC): server.py translates messages to these calls and errors to status codes.
+Each world's truth is its record in the world store; a step is committed there (compare-and-set on
+the step number) only after the backend produced it, so a failed step never half-applies and a
+retried one is answered from the record instead of stepping twice.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,13 +19,17 @@ import numpy as np
 from genie_models.world import prepare_prompt
 from services.backends.base import ModelBackend, ModelInfo, StepResult, WorldStep
 from services.gateway.batcher import PendingStep, StepBatcher
-from services.gateway.errors import DeadlineExceeded, InvalidArgument, NotFound
+from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                                     ResourceExhausted)
+from services.gateway.limits import quote
 from services.gateway.prompts import ImageLimits
-from services.gateway.worlds import Reaper, Sampling, World, WorldRegistry
+from services.gateway.worlds import Reaper, Sampling, World, WorldRegistry, idle_seconds
 from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
+from services.worldstore.base import WorldRecord, WorldStore
 
 log = logging.getLogger(__name__)
+NO_ACTION = -1  # last_action of a world that has not stepped yet
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,19 @@ class Frame:
     world_id: str
     step: int  # 0 for the prompt frame, then 1, 2, ...
     pixels: np.ndarray  # uint8 [H, W, 3]
+    output_format: int = 0  # the world's default genie.v1 FrameFormat
+    timings: dict[str, float] | None = None  # seconds per hop of a step: queue, backend, commit
+
+
+def _not_found(world_id: str) -> NotFound:
+    return NotFound(f"no open world with id {quote(world_id)}: it was never created, was closed, "
+                    "was idle too long, or belongs to another API key (create a new one)")
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, backend: ModelBackend, metrics: GatewayMetrics):
-        self.settings, self.backend, self.metrics = settings, backend, metrics
+    def __init__(self, settings: GatewaySettings, backend: ModelBackend, metrics: GatewayMetrics,
+                 store: WorldStore):
+        self.settings, self.backend, self.metrics, self.store = settings, backend, metrics, store
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.worlds = WorldRegistry(settings.max_worlds)
         self._models = {info.name: info for info in backend.models()}
@@ -57,28 +72,35 @@ class Gateway:
     def model(self, name: str) -> ModelInfo:
         info = self._models.get(name)
         if info is None:
-            raise NotFound(f"no model named {name!r} on this gateway; models: {', '.join(self._models) or 'none'}")
+            raise NotFound(f"no model named {quote(name)} on this gateway; models: {', '.join(self._models) or 'none'}")
         return info
 
-    def create_world(self, model: str, image: np.ndarray, sampling: SamplingRequest,
+    def create_world(self, owner: str, model: str, image: np.ndarray, sampling: SamplingRequest,
                      output_format: int = 0) -> tuple[World, Frame]:
         """Starts a world from one image (uint8 [H, W, 3], any size) -> (world, its prompt frame)."""
         info = self.model(model)
         resolved = self._resolve_sampling(info, sampling)
+        per_key = self.settings.max_worlds_per_key
+        if self.settings.auth == "api-key" and self.store.count(owner) >= per_key:
+            raise ResourceExhausted(f"this API key already has its maximum of {per_key} open worlds: "
+                                    "close worlds you no longer play")
         world_id = self.worlds.reserve()
         try:
             frames = prepare_prompt(image, info.image_size)  # [1, S, S, 3]
             tokens = self.backend.encode(model, frames)
             actions = np.array([info.num_actions], dtype=np.int64)  # "no action" led into the first frame
             decoded = self.backend.start_world(model, world_id, tokens, actions)
+            record = WorldRecord(world_id, owner, model, resolved.seed, resolved.num_maskgit_steps,
+                                 resolved.temperature, output_format, step=0, tokens=np.asarray(tokens[-1:]),
+                                 actions=actions, last_frame=decoded[-1], last_action=NO_ACTION)
+            self.store.create(record)
         except BaseException:
             self.worlds.release()
             raise
-        world = World(world_id, model, resolved, output_format, history_frames=info.context_frames)
-        world.remember(tokens[-1], int(actions[-1]))
+        world = World(record, history_frames=info.history_frames)
         self.worlds.add(world)
         log.info("world created", extra={"world_id": world_id, "model": model, "seed": resolved.seed})
-        return world, Frame(world_id, 0, decoded[-1])
+        return world, Frame(world_id, 0, decoded[-1], output_format)
 
     @staticmethod
     def _resolve_sampling(info: ModelInfo, sampling: SamplingRequest) -> Sampling:
@@ -89,82 +111,169 @@ class Gateway:
             raise InvalidArgument(f"num_maskgit_steps must be at most 1000, got {sampling.num_maskgit_steps}")
         return Sampling(sampling.seed, sampling.num_maskgit_steps or info.default_maskgit_steps, temperature)
 
-    def step_world(self, world_id: str, action: int, timeout_s: float | None = None) -> Frame:
-        """Advances one world; waits at most timeout_s (capped by settings.step_deadline_s)."""
-        started = time.monotonic()
-        deadline = started + min(self.settings.step_deadline_s, math.inf if timeout_s is None else timeout_s)
+    def _world(self, owner: str, world_id: str) -> World:
+        """The caller's world: held here, or loaded from the store (then its caches are rebuilt first)."""
         world = self.worlds.get(world_id)
+        if world is None:
+            record = self.store.load(world_id)
+            if record is None or record.owner != owner:
+                raise _not_found(world_id)
+            info = self._models.get(record.model)
+            if info is None:
+                raise NotFound(f"world {quote(world_id)} plays model {quote(record.model)}, which this gateway "
+                               "does not serve: use a gateway that does")
+            world = self.worlds.adopt(World(record, history_frames=info.history_frames, needs_rebuild=True))
+        if world.owner != owner:
+            raise _not_found(world_id)
+        return world
+
+    def step_world(self, owner: str, world_id: str, action: int, expected_step: int | None = None,
+                   timeout_s: float | None = None) -> Frame:
+        """Advances one world and waits for its frame, at most timeout_s (capped by settings.step_deadline_s)."""
+        deadline = min(self.settings.step_deadline_s, math.inf if timeout_s is None else timeout_s)
+        future = self.submit_step(owner, world_id, action, expected_step)
+        try:
+            return future.result(timeout=deadline)
+        except TimeoutError as error:
+            raise DeadlineExceeded("the step did not finish before the deadline; it may still complete: retry "
+                                   "with expected_step set to get its frame without stepping twice") from error
+
+    def submit_step(self, owner: str, world_id: str, action: int, expected_step: int | None = None) -> Future:
+        """Queues a step behind the world's earlier ones -> a future Frame. Never blocks on the model.
+
+        expected_step is the step number the caller wants produced (None: the next one); if the world
+        is already there with the same action, its recorded frame is the answer."""
+        started = time.perf_counter()
+        world = self._world(owner, world_id)
         info = self._models[world.model]
         if not 0 <= action < info.num_actions:
-            raise InvalidArgument(f"action {action} is out of range: model {info.name!r} has actions "
+            raise InvalidArgument(f"action {action} is out of range: model {quote(info.name)} has actions "
                                   f"0..{info.num_actions - 1}")
-        if not world.step_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise DeadlineExceeded("the deadline passed while an earlier step of this world was still running")
-        try:
-            future, step_number = self._submit(world, action)
-        except BaseException:
-            world.step_lock.release()
-            raise
-        try:
-            result: StepResult = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout as error:
-            raise DeadlineExceeded("the step did not finish before the deadline; it still completes and "
-                                   "advances the world (GetWorld shows its step count)") from error
-        self.metrics.step_latency.labels(world.model).observe(time.monotonic() - started)
-        return Frame(world_id, step_number, result.frame)
+        result: Future = Future()
+        result.set_running_or_notify_cancel()  # a caller giving up cannot cancel a step that may be applied
+        world.chain(result, lambda: self._start_step(world, action, expected_step, result, started))
+        return result
 
-    def _submit(self, world: World, action: int) -> tuple[Future, int]:
-        """Queues the world's next step -> (future result, its step number). The caller holds
-        world.step_lock; the batcher releases it when the step ends."""
-        if world.closed:
-            raise NotFound(f"world {world.world_id!r} was closed")
-        step = WorldStep(world.world_id, action, world.sampling.seed, world.step_count,
-                         world.sampling.num_maskgit_steps, world.sampling.temperature)
-        pending = PendingStep(step, rebuild=lambda: self._rebuild(world),
-                              on_result=lambda result: self._commit(world, action, result),
-                              on_done=world.step_lock.release)
-        return self._batchers[world.model].submit(pending), world.step_count + 1
+    def _start_step(self, world: World, action: int, expected_step: int | None, result: Future,
+                    started: float) -> None:
+        """Runs when the world's earlier steps are done: answers a retry, or hands the step to the batcher."""
+        try:
+            if world.closed:
+                raise _not_found(world.world_id)
+            if expected_step is not None and expected_step != world.step_count + 1:
+                self._refresh(world)  # another gateway may have stepped it
+            if expected_step is not None and expected_step != world.step_count + 1:
+                result.set_result(self._replay(world, action, expected_step))
+                return
+            record = world.record
+            step = WorldStep(world.world_id, action, record.seed, record.step, record.num_maskgit_steps,
+                             record.temperature)
+            pending = PendingStep(step, world.needs_rebuild, rebuild=lambda: self._rebuild(world),
+                                  commit=lambda output: self._commit(world, action, output, started, pending),
+                                  on_failure=lambda error: self._failed(world))
+        except BaseException as error:  # noqa: BLE001 - delivered to the caller through its future
+            result.set_exception(error)
+            return
+        pending.future.add_done_callback(lambda done: _copy_outcome(done, result))
+        self._batchers[world.model].submit(pending)
 
-    def _commit(self, world: World, action: int, result: StepResult) -> None:
-        world.remember(result.tokens, action)
-        world.step_count += 1
-        world.touch()
+    @staticmethod
+    def _replay(world: World, action: int, expected_step: int) -> Frame:
+        record = world.record
+        if expected_step == record.step and record.step > 0 and action == record.last_action:
+            return Frame(world.world_id, record.step, record.last_frame, record.output_format)
+        detail = (f"; step {record.step} was made with action {record.last_action}, not {action}"
+                  if expected_step == record.step and record.step > 0 else "")
+        raise FailedPrecondition(f"expected_step {expected_step} does not fit world {quote(world.world_id)}, "
+                                 f"which is at step {record.step}{detail}: send expected_step {record.step + 1} "
+                                 "for its next step (or leave it unset)")
+
+    def _refresh(self, world: World) -> None:
+        record = self.store.load(world.world_id)
+        if record is None:
+            world.closed = True
+            self.worlds.remove(world.world_id)
+            raise _not_found(world.world_id)
+        if record.step != world.record.step:
+            world.record, world.needs_rebuild = record, True
+
+    def _commit(self, world: World, action: int, output: StepResult, started: float, pending: PendingStep) -> Frame:
+        """Runs on the batcher thread after the backend produced the step: store first, then this process."""
+        previous = world.record
+        record = world.advanced(output.tokens, action, output.frame)
+        if not self.store.commit(record, previous.step):
+            self._refresh(world)
+            raise Aborted(f"world {quote(world.world_id)} was stepped by another gateway at the same time and is "
+                          f"now at step {world.step_count}; nothing was applied: retry with expected_step")
+        world.record = record
         self.metrics.steps.labels(world.model).inc()
+        committed = time.perf_counter()
+        self.metrics.step_latency.labels(world.model).observe(committed - started)
+        timings = {"queue": pending.started_at - pending.queued_at, "backend": pending.finished_at - pending.started_at,
+                   "commit": committed - pending.finished_at, "total": committed - started}
+        for phase in ("queue", "backend", "commit"):
+            self.metrics.step_phase.labels(phase).observe(timings[phase])
+        return Frame(world.world_id, record.step, output.frame, record.output_format, timings)
+
+    @staticmethod
+    def _failed(world: World) -> None:
+        world.needs_rebuild = True  # the backend may hold this world one frame ahead of its record
 
     def _rebuild(self, world: World) -> None:
         if world.closed:
             return  # a closed world stays gone; its step then fails as not cached
         tokens, actions = world.history()
         self.backend.start_world(world.model, world.world_id, tokens, actions)
+        world.needs_rebuild = False
 
-    def get_world(self, world_id: str) -> World:
-        return self.worlds.get(world_id)
+    def get_world(self, owner: str, world_id: str) -> WorldRecord:
+        record = self.store.load(world_id)  # the truth: another gateway may have stepped it
+        if record is None or record.owner != owner:
+            raise _not_found(world_id)
+        return record
 
-    def list_worlds(self) -> list[World]:
-        return self.worlds.all()
+    def list_worlds(self, owner: str) -> list[WorldRecord]:
+        return self.store.list(owner)
 
-    def close_world(self, world_id: str, reason: str = "closed") -> None:
+    def close_world(self, owner: str, world_id: str, reason: str = "closed") -> None:
+        record = self.get_world(owner, world_id)
         world = self.worlds.remove(world_id)
-        # Wait for an in-flight step, so the backend never rebuilds a world after it was ended.
-        acquired = world.step_lock.acquire(timeout=self.settings.step_deadline_s)
-        world.closed = True
-        if acquired:
-            world.step_lock.release()
-        self.backend.end_world(world.model, world_id)
-        log.info("world %s", reason, extra={"world_id": world_id, "model": world.model, "steps": world.step_count})
+        if world is not None:
+            world.closed = True
+            # Wait for an in-flight step, so the backend never rebuilds a world after it was ended.
+            world.wait_idle(self.settings.step_deadline_s)
+        if not self.store.delete(world_id, owner):
+            raise _not_found(world_id)
+        self.backend.end_world(record.model, world_id)
+        log.info("world %s", reason, extra={"world_id": world_id, "model": record.model, "steps": record.step})
 
     def evict_idle(self) -> None:
-        """Closes worlds idle longer than settings.idle_timeout_s (skipping any with a step in flight)."""
+        """Closes held worlds idle longer than settings.idle_timeout_s (skipping any with a step in flight).
+        A world another gateway stepped meanwhile is only let go here, not closed."""
         for world in self.worlds.idle(self.settings.idle_timeout_s):
-            if world.step_lock.locked():
+            if world.tail is not None and not world.tail.done():
                 continue
             try:
-                self.close_world(world.world_id, reason="evicted after idle timeout")
+                stored = self.store.load(world.world_id)
+                if stored is None or idle_seconds(stored) < self.settings.idle_timeout_s:
+                    self.worlds.remove(world.world_id)
+                    continue
+                self.close_world(world.owner, world.world_id, reason="evicted after idle timeout")
             except NotFound:
                 continue  # closed by its client meanwhile
+            except Exception as error:  # noqa: BLE001 - the reaper must live on; it retries next round
+                log.warning("evicting world %s failed: %s", world.world_id, error)
 
     def close(self) -> None:
-        """Stops the reaper and batchers (finishing queued steps); the backend is closed by its owner."""
+        """Stops the reaper and batchers (finishing queued steps); backend and store are closed by their owner."""
         self._reaper.stop()
         for batcher in self._batchers.values():
             batcher.stop()
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())

@@ -1,16 +1,21 @@
-"""The genie.v1 gRPC server of the gateway: a thin servicer over Gateway, plus health, reflection, metrics.
+"""The genie.v1 gRPC server of the gateway (grpc.aio): a thin servicer over Gateway, plus health,
+reflection, metrics, API-key auth and TLS.
 
-Domain errors become status codes in `status_for` only; `GatewayRuntime` starts and drains the whole thing.
+An open Play stream is a coroutine, not a thread; blocking work (image decoding, the model encode on
+CreateWorld, the world store) runs on a thread pool and steps on the batcher threads. Domain errors
+become status codes in `status_for` only; `GatewayRuntime` runs the event loop and drains it all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,12 +25,14 @@ from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
 from services import registry
 from services.backends.base import BackendError, ModelBackend
-from services.gateway import convert
-from services.gateway.errors import (DeadlineExceeded, InvalidArgument, NotFound,
-                                     ResourceExhausted, Unavailable)
-from services.gateway.gateway import Gateway
+from services.gateway import convert, limits
+from services.gateway.auth import PLAY, READ, Authenticator, Caller, StepQuota
+from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                                     PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+from services.gateway.gateway import Frame, Gateway
 from services.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from services.settings import GatewaySettings
+from services.worldstore.base import WorldStore, WorldStoreUnavailable
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorldService"].full_name
@@ -33,7 +40,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorldService"].full_name
 _STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
            ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
            DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED, Unavailable: grpc.StatusCode.UNAVAILABLE,
-           BackendError: grpc.StatusCode.UNAVAILABLE}
+           FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION, Aborted: grpc.StatusCode.ABORTED,
+           Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+           BackendError: grpc.StatusCode.UNAVAILABLE, WorldStoreUnavailable: grpc.StatusCode.UNAVAILABLE}
 
 
 def status_for(error: Exception) -> grpc.StatusCode:
@@ -44,78 +53,131 @@ def status_for(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(method: str, error: Exception, context: grpc.ServicerContext, metrics: GatewayMetrics) -> None:
+async def _abort(method: str, error: Exception, context: grpc.aio.ServicerContext, metrics: GatewayMetrics) -> None:
     code = status_for(error)
     metrics.rpc_errors.labels(method, code.name).inc()
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=error)
-    context.abort(code, str(error) if code is not grpc.StatusCode.INTERNAL else f"internal error: {error!r}")
+    details = str(error) if code is not grpc.StatusCode.INTERNAL else f"internal error: {type(error).__name__}"
+    await context.abort(code, details[:1000])
 
 
-def _unary(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self: "WorldServicer", request, context: grpc.ServicerContext):
-        try:
-            return method(self, request, context)
-        except Exception as error:  # noqa: BLE001 - every failure leaves as a status code, never a crash
-            _abort(method.__name__, error, context, self.metrics)
-    return wrapper
+def _rpc(scope: str) -> Callable:
+    """Authenticates the call for `scope`, runs the method with its Caller, and maps any failure to a status."""
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def wrapper(self: "WorldServicer", request, context: grpc.aio.ServicerContext):
+            try:
+                caller = self.auth.caller(context.invocation_metadata() or (), scope)
+                return await method(self, caller, request, context)
+            except Exception as error:  # noqa: BLE001 - every failure leaves as a status code, never a crash
+                await _abort(method.__name__, error, context, self.metrics)
+        return wrapper
+    return decorate
+
+
+def _consume_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class WorldServicer(world_pb2_grpc.WorldServiceServicer):
-    def __init__(self, gateway: Gateway, metrics: GatewayMetrics):
-        self.gateway, self.metrics = gateway, metrics
+    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, auth: Authenticator, executor: ThreadPoolExecutor):
+        self.gateway, self.metrics, self.auth, self.executor = gateway, metrics, auth, executor
+        self.quota = StepQuota(gateway.settings.steps_per_second_per_key)
 
-    @_unary
-    def CreateWorld(self, request: pb.CreateWorldRequest, context) -> pb.CreateWorldResponse:
+    async def _blocking(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(function, *args))
+
+    @_rpc(PLAY)
+    async def CreateWorld(self, caller: Caller, request: pb.CreateWorldRequest, context) -> pb.CreateWorldResponse:
         output_format = convert.frame_format(request.output_format, pb.FRAME_FORMAT_RAW_RGB)
-        self.gateway.model(request.model)  # an unknown model is reported before the image is decoded
-        image = convert.prompt_image(request.prompt, self.gateway.image_limits)
-        world, frame = self.gateway.create_world(request.model, image, convert.sampling_request(request.sampling),
-                                                 output_format)
-        return pb.CreateWorldResponse(world=convert.world_message(world),
+        self.gateway.model(limits.model_name(request.model))  # an unknown model is reported before decoding
+        world, frame = await self._blocking(self._create, caller.name, request, output_format)
+        return pb.CreateWorldResponse(world=convert.world_message(world.record),
                                       frame=convert.frame_message(frame.pixels, output_format))
 
-    @_unary
-    def StepWorld(self, request: pb.StepWorldRequest, context) -> pb.StepWorldResponse:
-        frame = self.gateway.step_world(request.world_id, request.action, context.time_remaining())
-        return convert.step_response(frame, self.gateway.get_world(request.world_id), request.format)
+    def _create(self, owner: str, request: pb.CreateWorldRequest, output_format: int):
+        image = convert.prompt_image(request.prompt, self.gateway.image_limits)
+        return self.gateway.create_world(owner, request.model, image, convert.sampling_request(request.sampling),
+                                         output_format)
 
-    def Play(self, request_iterator: Iterator[pb.PlayRequest], context) -> Iterator[pb.PlayResponse]:
+    async def _step(self, caller: Caller, world_id: str, action: int, expected_step: int | None,
+                    context: grpc.aio.ServicerContext) -> Frame:
+        if self.auth.enabled:
+            self.quota.take(caller.name)
+        arrived = time.perf_counter()
+        future = await self._blocking(self.gateway.submit_step, caller.name, world_id, action, expected_step)
+        self.metrics.step_phase.labels("submit").observe(time.perf_counter() - arrived)
+        remaining = context.time_remaining()
+        timeout = min(self.gateway.settings.step_deadline_s, remaining if remaining is not None else float("inf"))
+        waiting = asyncio.wrap_future(future)
+        try:  # shield: a caller giving up must not cancel a step that may already be applied
+            return await asyncio.wait_for(asyncio.shield(waiting), max(0.0, timeout))
+        except asyncio.TimeoutError as error:
+            waiting.add_done_callback(_consume_outcome)  # its outcome is in the world store; no one awaits it
+            raise DeadlineExceeded("the step did not finish before the deadline; it may still complete: retry "
+                                   "with expected_step set to get its frame without stepping twice") from error
+
+    async def _frame(self, frame: Frame, requested_format: int) -> pb.Frame:
+        started = time.perf_counter()
+        frame_format = convert.frame_format(requested_format, frame.output_format)
+        if frame_format == pb.FRAME_FORMAT_PNG:  # compressing is CPU work: off the event loop
+            message = await self._blocking(convert.frame_message, frame.pixels, frame_format)
+        else:
+            message = convert.frame_message(frame.pixels, frame_format)
+        self.metrics.step_phase.labels("encode").observe(time.perf_counter() - started)
+        return message
+
+    @_rpc(PLAY)
+    async def StepWorld(self, caller: Caller, request: pb.StepWorldRequest, context) -> pb.StepWorldResponse:
+        world_id = limits.world_id(request.world_id)
+        convert.frame_format(request.format, pb.FRAME_FORMAT_RAW_RGB)  # bad format fails before stepping
+        expected = request.expected_step if request.HasField("expected_step") else None
+        frame = await self._step(caller, world_id, request.action, expected, context)
+        return pb.StepWorldResponse(world_id=world_id, step=frame.step, frame=await self._frame(frame, request.format))
+
+    async def Play(self, request_iterator: AsyncIterator[pb.PlayRequest], context) -> AsyncIterator[pb.PlayResponse]:
         try:
-            yield from self._play(request_iterator, context)
-        except Exception as error:  # noqa: BLE001 - as in _unary, for the stream
-            _abort("Play", error, context, self.metrics)
+            caller = self.auth.caller(context.invocation_metadata() or (), PLAY)
+            async for response in self._play(caller, request_iterator, context):
+                yield response
+        except Exception as error:  # noqa: BLE001 - as in _rpc, for the stream
+            await _abort("Play", error, context, self.metrics)
 
-    def _play(self, request_iterator: Iterator[pb.PlayRequest], context) -> Iterator[pb.PlayResponse]:
+    async def _play(self, caller: Caller, request_iterator: AsyncIterator[pb.PlayRequest],
+                    context) -> AsyncIterator[pb.PlayResponse]:
         world_id = ""
-        for request in request_iterator:
+        async for request in request_iterator:
             if not world_id:
                 if not request.world_id:
                     raise InvalidArgument("the first Play message must set world_id")
-                world_id = request.world_id
+                world_id = limits.world_id(request.world_id)
             elif request.world_id and request.world_id != world_id:
-                raise InvalidArgument(f"this Play stream plays world {world_id!r}; open another stream "
-                                      f"for {request.world_id!r}")
-            frame = self.gateway.step_world(world_id, request.action, context.time_remaining())
-            response = convert.step_response(frame, self.gateway.get_world(world_id), request.format)
-            yield pb.PlayResponse(world_id=world_id, frame=response.frame, step=response.step)
+                raise InvalidArgument(f"this Play stream plays world {limits.quote(world_id)}; open another stream "
+                                      f"for {limits.quote(request.world_id)}")
+            convert.frame_format(request.format, pb.FRAME_FORMAT_RAW_RGB)
+            expected = request.expected_step if request.HasField("expected_step") else None
+            frame = await self._step(caller, world_id, request.action, expected, context)
+            yield pb.PlayResponse(world_id=world_id, step=frame.step, frame=await self._frame(frame, request.format))
 
-    @_unary
-    def GetWorld(self, request: pb.GetWorldRequest, context) -> pb.World:
-        return convert.world_message(self.gateway.get_world(request.world_id))
+    @_rpc(READ)
+    async def GetWorld(self, caller: Caller, request: pb.GetWorldRequest, context) -> pb.World:
+        record = await self._blocking(self.gateway.get_world, caller.name, limits.world_id(request.world_id))
+        return convert.world_message(record)
 
-    @_unary
-    def ListWorlds(self, request: pb.ListWorldsRequest, context) -> pb.ListWorldsResponse:
-        return pb.ListWorldsResponse(worlds=[convert.world_message(w) for w in self.gateway.list_worlds()])
+    @_rpc(READ)
+    async def ListWorlds(self, caller: Caller, request: pb.ListWorldsRequest, context) -> pb.ListWorldsResponse:
+        records = await self._blocking(self.gateway.list_worlds, caller.name)
+        return pb.ListWorldsResponse(worlds=[convert.world_message(record) for record in records])
 
-    @_unary
-    def CloseWorld(self, request: pb.CloseWorldRequest, context) -> pb.CloseWorldResponse:
-        self.gateway.close_world(request.world_id)
+    @_rpc(PLAY)
+    async def CloseWorld(self, caller: Caller, request: pb.CloseWorldRequest, context) -> pb.CloseWorldResponse:
+        await self._blocking(self.gateway.close_world, caller.name, limits.world_id(request.world_id))
         return pb.CloseWorldResponse()
 
-    @_unary
-    def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+    @_rpc(READ)
+    async def ListModels(self, caller: Caller, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_message(m) for m in self.gateway.models()])
 
 
@@ -124,42 +186,90 @@ def build_backend(settings: GatewaySettings) -> ModelBackend:
     return registry.get("backends", settings.backend)(settings)
 
 
-class GatewayRuntime:
-    """A running gateway: backend, domain, gRPC server (with health + reflection) and metrics endpoint."""
+def build_store(settings: GatewaySettings) -> WorldStore:
+    """The world store plugin named by settings.world_store (entry point group genie.worlds)."""
+    return registry.get("worlds", settings.world_store)(settings)
 
-    def __init__(self, settings: GatewaySettings, backend: ModelBackend | None = None):
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured (mTLS when a client CA is too); None: plaintext."""
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file as well")
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+class GatewayRuntime:
+    """A running gateway: backend, world store, domain, the grpc.aio server on its own event-loop thread
+    (with health + reflection) and the metrics endpoint. Constructed and driven from ordinary threads."""
+
+    def __init__(self, settings: GatewaySettings, backend: ModelBackend | None = None,
+                 store: WorldStore | None = None):
         self.settings = settings
+        self.auth = Authenticator(settings)  # refuses to start without keys unless auth is off
+        credentials = server_credentials(settings)
         self.backend = backend if backend is not None else build_backend(settings)
+        self.store = store if store is not None else build_store(settings)
         self.metrics = GatewayMetrics()
-        self.gateway = Gateway(settings, self.backend, self.metrics)
-        limit = settings.max_message_bytes
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.rpc_threads),
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", limit)])
-        world_pb2_grpc.add_WorldServiceServicer_to_server(WorldServicer(self.gateway, self.metrics), self.server)
-        self.health = health.HealthServicer()
+        self.gateway = Gateway(settings, self.backend, self.metrics, self.store)
+        self.executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="gateway-io")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="gateway-loop", daemon=True)
+        self._loop_thread.start()
+        self.port = self._run(self._build(credentials))
+        self.metrics_server: MetricsServer | None = None
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _build(self, credentials: grpc.ServerCredentials | None) -> int:
+        limit = self.settings.max_message_bytes
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit)])
+        servicer = WorldServicer(self.gateway, self.metrics, self.auth, self.executor)
+        world_pb2_grpc.add_WorldServiceServicer_to_server(servicer, self.server)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
-        self.metrics_server: MetricsServer | None = None
+        address = f"{self.settings.host}:{self.settings.port}"
+        if credentials is None:
+            return self.server.add_insecure_port(address)
+        return self.server.add_secure_port(address, credentials)
+
+    async def _start(self) -> None:
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> "GatewayRuntime":
         self.metrics_server = serve_metrics(self.metrics.registry, self.settings.metrics_port, self.settings.host)
-        self.server.start()
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._run(self._start())
         log.info("gateway serving", extra={"port": self.port, "metrics_port": self.metrics_server.port,
-                                           "backend": self.settings.backend,
+                                           "backend": self.settings.backend, "world_store": self.settings.world_store,
+                                           "auth": self.settings.auth, "tls": self.settings.tls_cert_file is not None,
                                            "models": [m.name for m in self.gateway.models()]})
         return self
 
+    async def _stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
     def stop(self, grace_s: float | None = None) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish for grace_s, then stops everything."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s).wait()
+        self._run(self._stop(self.settings.shutdown_grace_s if grace_s is None else grace_s))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
         self.gateway.close()
+        self.executor.shutdown(wait=True)
         self.backend.close()
+        self.store.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         log.info("gateway stopped")

@@ -6,6 +6,7 @@ A backend joins the parametrization by adding one entry to GATEWAY_BACKENDS (nam
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from services.gateway.server import GatewayRuntime
 from services.settings import GatewaySettings
 
 from tests.services.helpers import MAX_WORLDS, MODEL_NAME, open_channel
+from tests.services.redis_server import redis_server
 from tests.services.triton_stack import triton_stack
+
+# Gateways the tests start as processes (`genie serve gateway`, `genie serve stack`) run without API keys
+# unless a test configures keys itself; auth is on by default everywhere else.
+os.environ.setdefault("GENIE_GATEWAY_AUTH", "none")
 
 
 def tiny_world_model(context_frames: int = 4) -> WorldModel:
@@ -59,7 +65,7 @@ def gateway_settings(overrides: dict) -> GatewaySettings:
     """Loopback, free ports, and limits small enough for the tests to reach."""
     values = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "max_worlds": MAX_WORLDS,
               "max_image_bytes": 2**20, "max_image_pixels": 1_000_000, "batch_window_ms": 5.0,
-              "shutdown_grace_s": 2.0} | overrides
+              "shutdown_grace_s": 2.0, "auth": "none"} | overrides
     return GatewaySettings(**values)
 
 
@@ -82,3 +88,10 @@ def stub(gateway) -> Iterator[world_pb2_grpc.WorldServiceStub]:
         with contextlib.suppress(grpc.RpcError):  # a test's own threads may have closed it meanwhile
             client.CloseWorld(pb.CloseWorldRequest(world_id=world.world_id))
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A private redis-server on a free loopback port for the session (installed if missing)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

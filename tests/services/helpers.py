@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from genie.v1 import world_pb2 as pb
@@ -54,3 +56,18 @@ def pixels_of(frame: pb.Frame) -> np.ndarray:
     if frame.format == pb.FRAME_FORMAT_PNG:
         return np.asarray(Image.open(io.BytesIO(frame.data)).convert("RGB"))
     return np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.height, frame.width, frame.channels)
+
+
+def wait_serving(port: int, timeout_s: float = 90, describe=lambda: "") -> None:
+    """Polls gRPC health on 127.0.0.1:port until SERVING; after timeout_s fails with describe()'s text."""
+    deadline = time.monotonic() + timeout_s
+    with open_channel(port) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as error:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nothing serving on port {port}: {error.code()}\n{describe()}") from error
+            time.sleep(0.1)

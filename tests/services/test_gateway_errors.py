@@ -113,3 +113,29 @@ def test_errors_are_counted_by_method_and_code(stub, gateway):
     before = errors._value.get()
     _status(stub.StepWorld, pb.StepWorldRequest(world_id="missing", action=0))
     assert errors._value.get() == before + 1
+
+
+LONG = "w" * 2**20  # a 1 MB id: once echoed whole into the status, it overflowed gRPC's metadata limit
+
+
+@pytest.mark.parametrize("method,request_", [
+    ("GetWorld", pb.GetWorldRequest(world_id=LONG)),
+    ("StepWorld", pb.StepWorldRequest(world_id=LONG, action=0)),
+    ("CloseWorld", pb.CloseWorldRequest(world_id=LONG)),
+    ("CreateWorld", create_request(model="m" * 2**20)),
+])
+def test_oversized_ids_and_names_return_invalid_argument_quoting_at_most_100_characters(stub, method, request_):
+    code, details = _status(getattr(stub, method), request_)
+    assert code == INVALID and "characters long; at most" in details and "(1048576 characters)" in details
+    assert len(details) < 300
+
+
+def test_oversized_world_id_in_a_play_stream_returns_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Play(iter([pb.PlayRequest(world_id=LONG, action=0)])))
+    assert error.value.code() == INVALID and len(error.value.details()) < 300
+
+
+def test_unknown_model_message_quotes_a_long_name_cut_short(stub):
+    code, details = _status(stub.CreateWorld, create_request(model="x" * 120))
+    assert code == grpc.StatusCode.NOT_FOUND and "x" * 100 + "'..." in details and "x" * 101 not in details

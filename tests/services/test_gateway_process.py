@@ -10,43 +10,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from tests.services.helpers import MODEL_NAME, encoded, free_port, open_channel, picture
+from tests.services.helpers import MODEL_NAME, encoded, free_port, picture, wait_serving
 
 pytestmark = pytest.mark.integration
 
 
-def _wait_serving(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with open_channel(port) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
-
-
 def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_checkpoint, tmp_path):
+    """With an API key from a secret file on both sides; the key never reaches the gateway's log."""
     port, metrics_port = free_port(), free_port()
-    env = os.environ | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_METRICS_PORT": str(metrics_port)}
+    key = "process-test-key-8d1c4f"
+    (tmp_path / "gateway-keys").write_text(f"tester {key}\n")
+    (tmp_path / "client-key").write_text(key)
+    env = os.environ | {"GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_METRICS_PORT": str(metrics_port),
+                        "GENIE_GATEWAY_AUTH": "api-key", "GENIE_GATEWAY_API_KEYS_FILE": str(tmp_path / "gateway-keys")}
     server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "gateway", "--port", str(port),
                                "--model", f"{MODEL_NAME}={world_checkpoint}"], env=env, stderr=subprocess.PIPE)
     try:
-        _wait_serving(port)
+        wait_serving(port)
         image = tmp_path / "prompt.jpg"
         image.write_bytes(encoded(picture(120, 90), "JPEG"))
         result = subprocess.run([sys.executable, "-m", "services.cli", "client", "play", "--address",
                                  f"127.0.0.1:{port}", "--image", str(image), "--actions", "0,1,2",
+                                 "--api-key-file", str(tmp_path / "client-key"),
                                  "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["frames"] == 4
@@ -58,5 +47,7 @@ def test_serve_gateway_command_serves_client_play_and_stops_on_sigterm(world_che
         if server.poll() is None:
             server.kill()
             server.wait()
-    logs = [json.loads(line) for line in server.stderr.read().decode().splitlines() if line.startswith("{")]
+    stderr = server.stderr.read().decode()
+    assert key not in stderr
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert {"gateway serving", "gateway stopped"} <= {entry["message"] for entry in logs}

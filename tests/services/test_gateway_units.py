@@ -7,6 +7,7 @@ import argparse
 import filecmp
 import importlib.util
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ import pytest
 
 from services.gateway.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.gateway.prompts import ImageLimits, decode_encoded, decode_raw
-from services.gateway.worlds import Sampling, World, WorldRegistry
+from services.gateway.worlds import World, WorldRegistry
 from services.settings import GatewaySettings
+from services.worldstore.base import WorldRecord
+from services.worldstore.memory import MemoryWorldStore
 from tests.services.helpers import encoded, picture
 
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -50,7 +53,9 @@ def test_image_header_over_the_pixel_limit_is_refused_before_decoding():
 
 
 def _world(world_id: str, history_frames: int = 3) -> World:
-    return World(world_id, "m", Sampling(0, 4, 1.0), 0, history_frames)
+    record = WorldRecord(world_id, "owner", "m", 0, 4, 1.0, 0, step=0, tokens=np.zeros((1, 2, 2), np.int64),
+                         actions=np.array([4]), last_frame=np.zeros((4, 4, 3), np.uint8), last_action=-1)
+    return World(record, history_frames)
 
 
 def test_registry_refuses_worlds_beyond_capacity_including_reservations():
@@ -69,19 +74,20 @@ def test_registry_reports_only_worlds_idle_past_the_timeout():
         registry.add(_world(name))
         registry.reserve()
     registry.release()
-    registry.get("old").last_access -= 100
+    old = registry.get("old")
+    old.record = replace(old.record, updated_at=old.record.updated_at - 100)
     assert [w.world_id for w in registry.idle(timeout_s=50)] == ["old"]
     registry.remove("old")
-    with pytest.raises(NotFound, match="'old'"):
-        registry.get("old")
+    assert registry.get("old") is None
 
 
 def test_world_history_keeps_only_the_last_frames():
     world = _world("w", history_frames=3)
     for index in range(5):
-        world.remember(np.full((2, 2), index), action=index)
+        world.record = world.advanced(np.full((2, 2), index), index, np.zeros((4, 4, 3), np.uint8))
     tokens, actions = world.history()
     assert tokens.shape == (3, 2, 2) and actions.tolist() == [2, 3, 4] and tokens[0, 0, 0] == 2
+    assert world.step_count == 5 and world.record.last_action == 4
 
 
 def test_gateway_settings_read_prefixed_environment(monkeypatch):
@@ -89,7 +95,7 @@ def test_gateway_settings_read_prefixed_environment(monkeypatch):
     monkeypatch.setenv("GENIE_GATEWAY_MAX_WORLDS", "7")
     settings = GatewaySettings()
     assert settings.models == {"coinrun-tiny": "out/demo/world"} and settings.max_worlds == 7
-    assert settings.backend == "inprocess" and settings.port == 50051
+    assert settings.backend == "inprocess" and settings.port == 50051 and settings.host == "127.0.0.1"
 
 
 def test_cli_registers_serve_gateway_and_client_play(monkeypatch):
@@ -111,14 +117,14 @@ def test_idle_world_is_evicted_by_the_reaper(world_checkpoint):
     from services.metrics import GatewayMetrics
 
     settings = GatewaySettings(models={"m": str(world_checkpoint)}, idle_timeout_s=0.2, max_worlds=2)
-    gateway = Gateway(settings, InProcessBackend(settings), GatewayMetrics())
+    gateway = Gateway(settings, InProcessBackend(settings), GatewayMetrics(), MemoryWorldStore())
     try:
-        world, _ = gateway.create_world("m", picture(8, 8), SamplingRequest())
+        world, _ = gateway.create_world("me", "m", picture(8, 8), SamplingRequest())
         deadline = time.monotonic() + 5
-        while gateway.list_worlds() and time.monotonic() < deadline:
+        while gateway.list_worlds("me") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert gateway.list_worlds() == []
+        assert gateway.list_worlds("me") == [] and len(gateway.worlds) == 0
         with pytest.raises(NotFound):
-            gateway.step_world(world.world_id, 0)
+            gateway.step_world("me", world.world_id, 0)
     finally:
         gateway.close()

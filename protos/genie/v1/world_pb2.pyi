@@ -79,14 +79,16 @@ class CreateWorldResponse(_message.Message):
     def __init__(self, world: _Optional[_Union[World, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
 
 class StepWorldRequest(_message.Message):
-    __slots__ = ("world_id", "action", "format")
+    __slots__ = ("world_id", "action", "format", "expected_step")
     WORLD_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     world_id: str
     action: int
     format: FrameFormat
-    def __init__(self, world_id: _Optional[str] = ..., action: _Optional[int] = ..., format: _Optional[_Union[FrameFormat, str]] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, world_id: _Optional[str] = ..., action: _Optional[int] = ..., format: _Optional[_Union[FrameFormat, str]] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class StepWorldResponse(_message.Message):
     __slots__ = ("world_id", "frame", "step")
@@ -99,14 +101,16 @@ class StepWorldResponse(_message.Message):
     def __init__(self, world_id: _Optional[str] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class PlayRequest(_message.Message):
-    __slots__ = ("world_id", "action", "format")
+    __slots__ = ("world_id", "action", "format", "expected_step")
     WORLD_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     world_id: str
     action: int
     format: FrameFormat
-    def __init__(self, world_id: _Optional[str] = ..., action: _Optional[int] = ..., format: _Optional[_Union[FrameFormat, str]] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, world_id: _Optional[str] = ..., action: _Optional[int] = ..., format: _Optional[_Union[FrameFormat, str]] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class PlayResponse(_message.Message):
     __slots__ = ("world_id", "frame", "step")
@@ -165,20 +169,22 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "context_frames")
+    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "history_frames", "window_frames")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NUM_MASKGIT_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_actions: int
     image_size: int
     default_num_maskgit_steps: int
     default_temperature: float
-    context_frames: int
-    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., context_frames: _Optional[int] = ...) -> None: ...
+    history_frames: int
+    window_frames: int
+    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., history_frames: _Optional[int] = ..., window_frames: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -26,8 +26,13 @@ if _version_not_supported:
 
 
 class WorldServiceStub(object):
-    """Plays generated worlds. Worlds live on the gateway that created them (pin a client to it); a world
-    that is idle longer than the gateway's idle timeout is closed and later calls get NOT_FOUND.
+    """Plays generated worlds. A world's state lives in the gateways' world store (memory, or Redis shared
+    by several gateways), so it outlives the gateway process that created it; a world that is idle longer
+    than the idle timeout is closed and later calls get NOT_FOUND.
+    Every call needs the caller's API key (metadata `authorization: Bearer KEY` or `x-api-key: KEY`) unless
+    the gateway runs with auth off: UNAUTHENTICATED without a known key. A world belongs to the key that
+    created it; other keys get NOT_FOUND for it. Per-key quotas answer RESOURCE_EXHAUSTED.
+    Bad input is INVALID_ARGUMENT; ids and names have length limits (world_id 64, model 128 characters).
     """
 
     def __init__(self, channel):
@@ -74,8 +79,13 @@ class WorldServiceStub(object):
 
 
 class WorldServiceServicer(object):
-    """Plays generated worlds. Worlds live on the gateway that created them (pin a client to it); a world
-    that is idle longer than the gateway's idle timeout is closed and later calls get NOT_FOUND.
+    """Plays generated worlds. A world's state lives in the gateways' world store (memory, or Redis shared
+    by several gateways), so it outlives the gateway process that created it; a world that is idle longer
+    than the idle timeout is closed and later calls get NOT_FOUND.
+    Every call needs the caller's API key (metadata `authorization: Bearer KEY` or `x-api-key: KEY`) unless
+    the gateway runs with auth off: UNAUTHENTICATED without a known key. A world belongs to the key that
+    created it; other keys get NOT_FOUND for it. Per-key quotas answer RESOURCE_EXHAUSTED.
+    Bad input is INVALID_ARGUMENT; ids and names have length limits (world_id 64, model 128 characters).
     """
 
     def CreateWorld(self, request, context):
@@ -90,8 +100,12 @@ class WorldServiceServicer(object):
     def StepWorld(self, request, context):
         """Advances a world by one action and returns the generated frame. Steps of one world run one at a
         time in call order; steps of different worlds are batched together on the model.
+        Exactly once: set expected_step, and a retry of a step that was already applied returns that
+        step's frame instead of stepping again (see StepWorldRequest.expected_step).
         NOT_FOUND for an unknown or closed world; INVALID_ARGUMENT for an action out of range;
-        DEADLINE_EXCEEDED when the step did not finish within the call's deadline.
+        FAILED_PRECONDITION when expected_step is neither the next step nor the last one applied;
+        DEADLINE_EXCEEDED when the step did not finish within the call's deadline (it may still complete:
+        retry with the same expected_step); UNAVAILABLE when a model service is down (nothing was applied).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +127,7 @@ class WorldServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListWorlds(self, request, context):
-        """Lists the open worlds of this gateway.
+        """Lists the caller's open worlds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,8 +194,13 @@ def add_WorldServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorldService(object):
-    """Plays generated worlds. Worlds live on the gateway that created them (pin a client to it); a world
-    that is idle longer than the gateway's idle timeout is closed and later calls get NOT_FOUND.
+    """Plays generated worlds. A world's state lives in the gateways' world store (memory, or Redis shared
+    by several gateways), so it outlives the gateway process that created it; a world that is idle longer
+    than the idle timeout is closed and later calls get NOT_FOUND.
+    Every call needs the caller's API key (metadata `authorization: Bearer KEY` or `x-api-key: KEY`) unless
+    the gateway runs with auth off: UNAUTHENTICATED without a known key. A world belongs to the key that
+    created it; other keys get NOT_FOUND for it. Per-key quotas answer RESOURCE_EXHAUSTED.
+    Bad input is INVALID_ARGUMENT; ids and names have length limits (world_id 64, model 128 characters).
     """
 
     @staticmethod

@@ -1,0 +1,162 @@
+"""Callers are known: API keys (hashed), worlds owned by their key, scopes, per-key quotas, open health
+and reflection, keys never logged; and TLS with client certificates (mTLS) for the gateway server."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from genie.v1 import world_pb2 as pb
+from genie.v1 import world_pb2_grpc
+from services.gateway.auth import hash_key
+from services.gateway.server import GatewayRuntime
+from services.settings import GatewaySettings
+from tests.services.conftest import gateway_settings
+from tests.services.helpers import MODEL_NAME, create_request, open_channel
+
+pytestmark = pytest.mark.integration
+
+ALICE, BOB, READER = "alice-key-0123456789", "bob-key-9876543210", "reader-key-5555555555"
+CAROL = "carol-key-3141592653"  # the quota test's own key: other tests spend no part of its quota
+
+
+@pytest.fixture(scope="module")
+def secured(world_checkpoint, tmp_path_factory):
+    """A gateway with API keys from a secret file (bob's stored as a hash), 2 worlds and 0.5 steps/s per key."""
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"# name key [scopes]\nalice {ALICE}\nbob sha256:{hash_key(BOB)}\nreader {READER} read\ncarol {CAROL}\n")
+    settings = gateway_settings({"models": {MODEL_NAME: str(world_checkpoint)}, "auth": "api-key",
+                                 "api_keys_file": keys, "max_worlds_per_key": 2, "steps_per_second_per_key": 0.5})
+    runtime = GatewayRuntime(settings).start()
+    channel = open_channel(runtime.port)
+    yield runtime, world_pb2_grpc.WorldServiceStub(channel), channel
+    channel.close()
+    runtime.stop(grace_s=0)
+
+
+def _as(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+def _code(call, request, metadata=None) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as error:
+        call(request, metadata=metadata)
+    return error.value.code(), error.value.details()
+
+
+def test_calls_without_a_known_key_are_unauthenticated_and_never_echo_the_key(secured):
+    _, stub, _ = secured
+    assert _code(stub.ListModels, pb.ListModelsRequest())[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, details = _code(stub.ListWorlds, pb.ListWorldsRequest(), [("x-api-key", "guessed-key-42")])
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "guessed-key-42" not in details
+    assert stub.ListModels(pb.ListModelsRequest(), metadata=[("x-api-key", ALICE)]).models[0].name == MODEL_NAME
+
+
+def test_a_world_is_invisible_to_other_keys(secured):
+    _, stub, _ = secured
+    world_id = stub.CreateWorld(create_request(), metadata=_as(ALICE)).world.world_id
+    for call, request in ((stub.GetWorld, pb.GetWorldRequest(world_id=world_id)),
+                          (stub.StepWorld, pb.StepWorldRequest(world_id=world_id, action=0)),
+                          (stub.CloseWorld, pb.CloseWorldRequest(world_id=world_id))):
+        assert _code(call, request, _as(BOB))[0] == grpc.StatusCode.NOT_FOUND
+    assert [w.world_id for w in stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(ALICE)).worlds] == [world_id]
+    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(BOB)).worlds == []
+    assert stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=1), metadata=_as(ALICE)).step == 1
+    stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(ALICE))
+
+
+def test_a_read_only_key_may_list_but_not_play(secured):
+    _, stub, _ = secured
+    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(READER)).worlds == []
+    code, details = _code(stub.CreateWorld, create_request(), _as(READER))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "'reader' may not play" in details
+
+
+def test_per_key_quotas_answer_resource_exhausted(secured):
+    _, stub, _ = secured
+    worlds = [stub.CreateWorld(create_request(), metadata=_as(CAROL)).world.world_id for _ in range(2)]
+    code, details = _code(stub.CreateWorld, create_request(), _as(CAROL))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 2 open worlds" in details
+    stub.CreateWorld(create_request(), metadata=_as(ALICE))  # another key's quota is its own
+    codes = []
+    for _ in range(3):  # a burst beyond 0.5 steps/s (bursts of 1)
+        try:
+            stub.StepWorld(pb.StepWorldRequest(world_id=worlds[0], action=0), metadata=_as(CAROL))
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and codes[0] == grpc.StatusCode.OK
+    for world_id in worlds:
+        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(CAROL))
+
+
+def test_health_and_reflection_need_no_key(secured):
+    _, _, channel = secured
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "genie.v1.WorldService" in {s.name for s in answer.list_services_response.service}
+
+
+def test_keys_never_appear_in_logs(secured, caplog):
+    _, stub, _ = secured
+    with caplog.at_level(logging.DEBUG):
+        world_id = stub.CreateWorld(create_request(), metadata=_as(ALICE)).world.world_id
+        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(ALICE))
+        _code(stub.ListWorlds, pb.ListWorldsRequest(), _as("wrong-" + ALICE))
+    logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
+    assert "world created" in logged and ALICE not in logged and BOB not in logged
+
+
+def test_gateway_with_auth_on_and_no_keys_refuses_to_start(world_checkpoint):
+    with pytest.raises(ValueError, match="no API keys are configured"):
+        GatewayRuntime(GatewaySettings(models={MODEL_NAME: str(world_checkpoint)}, port=0, metrics_port=0,
+                                       auth="api-key"))
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    paths = {name: directory / name for name in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
+                                                 "client.pem", "san.ext")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=genie-test-ca",
+             "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
+    paths["san.ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        request = directory / f"{who}.csr"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(paths[f"{who}.key"]),
+                 "-out", str(request))
+        _openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
+    return paths
+
+
+def test_tls_gateway_serves_clients_with_a_certificate_and_refuses_others(world_checkpoint, tmp_path):
+    certs = _certificates(tmp_path)
+    settings = gateway_settings({"models": {MODEL_NAME: str(world_checkpoint)}, "tls_cert_file": certs["server.pem"],
+                                 "tls_key_file": certs["server.key"], "tls_client_ca_file": certs["ca.pem"]})
+    runtime = GatewayRuntime(settings).start()
+    address = f"localhost:{runtime.port}"
+    try:
+        with_cert = grpc.ssl_channel_credentials(certs["ca.pem"].read_bytes(), certs["client.key"].read_bytes(),
+                                                 certs["client.pem"].read_bytes())
+        with grpc.secure_channel(address, with_cert) as channel:
+            models = world_pb2_grpc.WorldServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert models.models[0].name == MODEL_NAME
+        without_cert = grpc.ssl_channel_credentials(certs["ca.pem"].read_bytes())
+        for channel in (grpc.secure_channel(address, without_cert), grpc.insecure_channel(address)):
+            with channel, pytest.raises(grpc.RpcError) as error:
+                world_pb2_grpc.WorldServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        runtime.stop(grace_s=0)
