@@ -65,9 +65,12 @@ class ModelBackend(Protocol):
     def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
         """uint8 frames [T, H, W, 3] -> latent action per transition [T-1]."""
 
-    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray,
+                    first_position: int = 0) -> np.ndarray:
         """(Re)build a world's caches from its history (tokens [T, h, w], actions [T] leading into each
-        frame; the first is num_actions, meaning "no action"); returns the history decoded [T, H, W, 3]."""
+        frame; the first is num_actions, meaning "no action"); returns the history decoded [T, H, W, 3].
+        first_position: the world's frame index of tokens[0], so a rebuild from the last frames of a long
+        world continues bit-identically."""
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
         """Advance several worlds of one model in one batch; raises WorldsNotCached for lost caches."""

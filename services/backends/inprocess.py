@@ -82,13 +82,14 @@ class InProcessBackend:
             clip = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)[None]
             return run(loaded.world, clip)[0].cpu().numpy()
 
-    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray,
+                    first_position: int = 0) -> np.ndarray:
         loaded = self._get(model)
         token_tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
         action_tensor = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.device)
         with loaded.lock:
-            loaded.dynamics.start(world_id, token_tensor.flatten(1), action_tensor)
-            return loaded.decoder.start(world_id, token_tensor).cpu().numpy()
+            loaded.dynamics.start(world_id, token_tensor.flatten(1), action_tensor, first_position)
+            return loaded.decoder.start(world_id, token_tensor, first_position).cpu().numpy()
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
         loaded = self._get(model)

@@ -92,14 +92,16 @@ class TritonBackend:
         result = self._get(model).lam.infer(protocol.LAM_LABEL, {"frames": np.ascontiguousarray(frames)})
         return result.as_numpy("actions")
 
-    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray,
+                    first_position: int = 0) -> np.ndarray:
         services = self._get(model)
         tokens = np.asarray(tokens, dtype=np.int64)
+        position = np.array([first_position], dtype=np.int64)
         services.dynamics.infer(protocol.DYNAMICS_START, {
             "world_id": ids_column(world_id, rows=False), "tokens": tokens.reshape(len(tokens), -1),
-            "actions": np.asarray(actions, dtype=np.int64)})
-        result = services.tokenizer.infer(protocol.TOKENIZER_START,
-                                          {"world_id": ids_column(world_id, rows=False), "tokens": tokens})
+            "actions": np.asarray(actions, dtype=np.int64), "first_position": position})
+        result = services.tokenizer.infer(protocol.TOKENIZER_START, {
+            "world_id": ids_column(world_id, rows=False), "tokens": tokens, "first_position": position})
         return result.as_numpy("frames")
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:

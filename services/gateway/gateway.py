@@ -223,7 +223,9 @@ class Gateway:
         if world.closed:
             return  # a closed world stays gone; its step then fails as not cached
         tokens, actions = world.history()
-        self.backend.start_world(world.model, world.world_id, tokens, actions)
+        # The prompt is frame 0 and step n made frame n: the history's first frame sits at n + 1 - T.
+        first_position = world.step_count + 1 - len(tokens)
+        self.backend.start_world(world.model, world.world_id, tokens, actions, first_position)
         world.needs_rebuild = False
 
     def get_world(self, owner: str, world_id: str) -> WorldRecord:

@@ -16,6 +16,8 @@ from pytriton.proxy.types import Request
 from services.triton.protocol import Status
 
 UNBATCHED = ModelConfig(batching=False)
+# Input of the start models: the world's frame index of a history's first frame (exact cache rebuilds).
+FIRST_POSITION = Tensor(name="first_position", dtype=np.int64, shape=(1,))
 
 InferFunc = Callable[[list[Request]], list[dict[str, np.ndarray]]]
 

@@ -18,8 +18,8 @@ from pytriton.proxy.types import Request
 from genie_models.dynamics import DynamicsModel
 from genie_models.stepping import DynamicsEngine, StepRequest
 from services.triton import protocol
-from services.triton.batching import (UNBATCHED, Binding, StepLedger, end_sessions, gather_rows, repeated_rows,
-                                     split_rows, world_ids)
+from services.triton.batching import (FIRST_POSITION, UNBATCHED, Binding, StepLedger, end_sessions, gather_rows,
+                                     repeated_rows, split_rows, world_ids)
 from services.triton.protocol import Status
 
 STEP_INPUTS = ("world_id", "action", "seed", "step_index", "num_maskgit_steps", "temperature")
@@ -41,7 +41,8 @@ class DynamicsService:
             tokens, actions = request["tokens"].astype(np.int64), request["actions"].astype(np.int64)
             self._check_history(tokens, actions)
             with self.lock:
-                self.engine.start(world_id, torch.from_numpy(tokens), torch.from_numpy(actions))
+                self.engine.start(world_id, torch.from_numpy(tokens), torch.from_numpy(actions),
+                                  int(request["first_position"][0]))
                 self.ledger.started(world_id, self.engine.sessions.__contains__)
             results.append({"status": np.array([Status.OK], dtype=np.int8)})
         return results
@@ -100,7 +101,7 @@ class DynamicsService:
         world_id = Tensor(name="world_id", dtype=bytes, shape=(1,))
         status = Tensor(name="status", dtype=np.int8, shape=(1,))
         start_inputs = [world_id, Tensor(name="tokens", dtype=np.int64, shape=(-1, self.config.tokens_per_frame)),
-                        Tensor(name="actions", dtype=np.int64, shape=(-1,))]
+                        Tensor(name="actions", dtype=np.int64, shape=(-1,)), FIRST_POSITION]
         step_inputs = [world_id, Tensor(name="action", dtype=np.int64, shape=(1,)),
                        Tensor(name="seed", dtype=np.int64, shape=(1,)),
                        Tensor(name="step_index", dtype=np.int64, shape=(1,)),

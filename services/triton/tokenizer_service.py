@@ -17,8 +17,8 @@ from pytriton.proxy.types import Request
 from genie_models.stepping import FrameDecoder
 from genie_models.tokenizer import VideoTokenizer
 from services.triton import protocol
-from services.triton.batching import (UNBATCHED, Binding, StepLedger, end_sessions, gather_rows, repeated_rows,
-                                     split_rows, world_ids)
+from services.triton.batching import (FIRST_POSITION, UNBATCHED, Binding, StepLedger, end_sessions, gather_rows,
+                                     repeated_rows, split_rows, world_ids)
 from services.triton.protocol import Status
 
 
@@ -52,7 +52,7 @@ class TokenizerService:
             self._check_tokens(request["tokens"])
             tokens = torch.from_numpy(request["tokens"].astype(np.int64))  # [T, h, w]
             with self.lock:
-                frames = self.decoder.start(world_id, tokens)
+                frames = self.decoder.start(world_id, tokens, int(request["first_position"][0]))
                 self.ledger.started(world_id, self.decoder.sessions.__contains__)
             results.append({"frames": frames.cpu().numpy()})
         return results
@@ -100,7 +100,7 @@ class TokenizerService:
         clip_tokens = Tensor(name="tokens", dtype=np.int64, shape=(-1, grid, grid))
         return [
             Binding(protocol.TOKENIZER_ENCODE, self.encode, [frames], [clip_tokens], UNBATCHED),
-            Binding(protocol.TOKENIZER_START, self.start, [world_id, clip_tokens], [frames], UNBATCHED),
+            Binding(protocol.TOKENIZER_START, self.start, [world_id, clip_tokens, FIRST_POSITION], [frames], UNBATCHED),
             Binding(protocol.TOKENIZER_DECODE, self.decode,
                     [world_id, Tensor(name="tokens", dtype=np.int64, shape=(grid, grid)),
                      Tensor(name="step_index", dtype=np.int64, shape=(1,))],
