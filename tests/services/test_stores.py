@@ -12,7 +12,7 @@ from services.settings import StoreSettings
 from services.stores import ObjectNotFound, StoreAccessDenied, StoreUnavailable, open_store
 from services.stores.catalog import ModelCatalog, UnknownModel
 from services.stores.runs import RunSync
-from tests.services.jobs_servers import redis_server, s3_server  # noqa: F401 - fixtures
+from tests.services.jobs_servers import s3_server  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.integration]
 
