@@ -11,6 +11,9 @@ from typing import Protocol, runtime_checkable
 from services import registry
 from services.settings import StoreSettings
 
+# genie_models.checkpoints.MANIFEST_NAME (a test keeps them equal), without importing torch for it.
+MANIFEST_NAME = "manifest.json"
+
 
 class StoreError(RuntimeError):
     """A store call failed; the message names the store, the key and the cause."""

@@ -1,7 +1,8 @@
 """Published models, versioned: `models/<name>/<version>/` (safetensors + manifest.json, written last) and
 `models/<name>/latest` (a one-line pointer, replaced in one put after the version is complete).
 
-Versions are integers counting up from 1 and immutable once published. A version is listed only when its
+Versions are integers counting up from 1 and immutable once published. Torch loads only when a version is
+published or loaded, so listing and resolving stay cheap for the job API and the gateway. A version is listed only when its
 manifest exists, so a half-uploaded or half-deleted one is never listed or loaded; loading verifies sha256.
 """
 
@@ -11,9 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from genie_models.checkpoints import MANIFEST_NAME, load_checkpoint
-from services.stores.base import ObjectNotFound, ObjectStore
-from services.stores.transfer import delete_checkpoint, get_checkpoint, put_checkpoint
+from services.stores.base import MANIFEST_NAME, ObjectNotFound, ObjectStore
 
 MODELS_PREFIX = "models"
 LATEST = "latest"
@@ -85,6 +84,8 @@ class ModelCatalog:
 
         Publishing the same version again (a retried publish) rewrites identical content: still one version.
         """
+        from services.stores.transfer import put_checkpoint
+
         model = ModelVersion(check_model_name(name), version or self.next_version(name))
         put_checkpoint(self.store, checkpoint, model.prefix)
         current = self._pointer(name)
@@ -106,6 +107,9 @@ class ModelCatalog:
 
     def load(self, ref: str, cache_dir: Path | None = None) -> tuple[ModelVersion, Path]:
         """Download (once) and verify a version; returns it and its local checkpoint folder."""
+        from genie_models.checkpoints import load_checkpoint
+        from services.stores.transfer import get_checkpoint
+
         root = Path(cache_dir or self.cache_dir or "out/model-cache")
         model = self.resolve(ref)
         local = root / model.name / str(model.version)
@@ -116,6 +120,8 @@ class ModelCatalog:
 
     def delete(self, ref: str) -> ModelVersion:
         """Delete one version; if it was the latest, `latest` moves to the newest remaining one first."""
+        from services.stores.transfer import delete_checkpoint
+
         name, version = parse_ref(ref)
         if version is None:
             raise ValueError(f"delete needs an explicit version: {name}@N")

@@ -9,15 +9,19 @@ import hashlib
 import json
 from pathlib import Path
 
-from genie_models.data.video_folder import VIDEO_SUFFIXES, find_videos
 from services.stores.base import ObjectNotFound, ObjectStore, StoreError
 
 DATASETS_PREFIX = "datasets"
 DATASET_INDEX = "dataset.json"
+# genie_models.data.video_folder.VIDEO_SUFFIXES (a test keeps them equal): importing genie_models.data here
+# would load torch into the job API, which only needs to check that a dataset has videos.
+VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif"})
 
 
 def upload_videos(store: ObjectStore, src_dir: Path, name: str) -> list[str]:
     """Upload every video under src_dir (recursively, paths kept) as dataset name; returns the keys."""
+    from genie_models.data.video_folder import find_videos
+
     videos = find_videos(src_dir)
     index = {}
     for path in videos:

@@ -123,6 +123,7 @@ def _start(record: JobRecord, stage: str, worker: str) -> bool:
     if record.finished or record.stage != stage:
         return False
     record.state, record.attempt = RUNNING, record.attempt + 1
+    record.step = record.resumed_from_step = 0  # until this attempt's process reports where it resumed
     record.message = f"{stage} running on {worker} (attempt {record.attempt})"
     return True
 

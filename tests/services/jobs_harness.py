@@ -94,7 +94,7 @@ class JobsStack:
                              env, self.tmp / "jobs-service.log")
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # a starved CI core imports grpc + celery slowly
         while time.monotonic() < deadline:
             try:
                 if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:

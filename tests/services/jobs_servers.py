@@ -149,4 +149,4 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
                       secrets.token_hex(16))
     server.start()
     yield server
-    server.stop()
+    server.stop(kill=True)  # its data is a temporary folder; a clean shutdown would take 25-40 s

@@ -139,3 +139,17 @@ def test_credentials_come_from_a_secret_file(s3_server, tmp_path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_the_job_api_needs_no_torch_and_its_copied_constants_match_genie_models():
+    import subprocess
+    import sys
+
+    code = ("import sys, services.jobs.server, services.stores.catalog, services.stores.datasets; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from genie_models.checkpoints import MANIFEST_NAME
+    from genie_models.data.video_folder import VIDEO_SUFFIXES
+    from services.stores import base, datasets
+
+    assert base.MANIFEST_NAME == MANIFEST_NAME and datasets.VIDEO_SUFFIXES == VIDEO_SUFFIXES
