@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,11 +63,7 @@ class StageRunner:
         paths = JobPaths(Path(self.settings.scratch_dir) / job.job_id)
         paths.root.mkdir(parents=True, exist_ok=True)
         if stage == "data":
-            download_videos(self.store, job.dataset, paths.videos)
-            outcome = self._process(job, stage, paths, None, lease_lost)
-            if outcome == DONE:
-                put_tree(self.store, paths.data, store_prefix(job.job_id, "data"), last="index.json")
-            return outcome
+            return self._ingest(job, paths, lease_lost)
         if stage == "publish":
             return self._publish(job, paths)
         self._ensure_data(job, paths)
@@ -91,6 +88,16 @@ class StageRunner:
         if sync.pull() == 0:
             raise StageFailed(f"no checkpoint under {sync.prefix} in the {self.store.description}: "
                               "its stage left none (deleted?)")
+
+    def _ingest(self, job: JobRecord, paths: JobPaths, lease_lost: threading.Event) -> str:
+        outcome = DONE
+        if not (paths.data / "index.json").is_file():  # an earlier attempt here may have finished ingesting
+            shutil.rmtree(paths.data, ignore_errors=True)  # or left part of it
+            download_videos(self.store, job.dataset, paths.videos)
+            outcome = self._process(job, "data", paths, None, lease_lost)
+        if outcome == DONE:
+            put_tree(self.store, paths.data, store_prefix(job.job_id, "data"), last="index.json")
+        return outcome
 
     def _sync(self, job: JobRecord, stage: str, root: Path) -> RunSync:
         return RunSync(self.store, root, store_prefix(job.job_id, f"runs/{stage}"), self.settings.keep_checkpoints)

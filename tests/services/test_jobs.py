@@ -157,3 +157,24 @@ def test_store_fault_fails_the_job_with_a_message_naming_the_cause(jobs_stack, t
         assert "wrong-secret" not in failed.error and jobs_stack.s3.secret_key not in failed.error
     finally:
         worker.kill()
+
+
+def test_cli_submits_lists_cancels_and_watches_a_job(jobs_stack):
+    import subprocess
+
+    from tests.services.jobs_harness import GENIE
+
+    def genie(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([GENIE, "jobs", "--address", f"127.0.0.1:{jobs_stack.port}", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    submitted = genie("submit", "--dataset", "squares", "--model-name", "cli", "--set", "tokenizer_steps=2")
+    job_id = submitted.stdout.strip()
+    assert submitted.returncode == 0 and job_id.startswith("job-"), submitted.stderr
+    listed = genie("list").stdout
+    assert job_id in listed and "queued" in listed
+    assert '"state": "JOB_STATE_CANCELLED"' in genie("cancel", job_id).stdout
+    watched = genie("watch", job_id)
+    assert watched.returncode == 1 and f"{job_id}: cancelled" in watched.stdout
+    bad = genie("submit", "--dataset", "squares", "--set", "learning_rate=1")
+    assert bad.returncode == 2 and "INVALID_ARGUMENT: unknown override 'learning_rate'" in bad.stderr
