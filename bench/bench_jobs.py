@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,8 +46,9 @@ def stage_overhead(stack: JobsStack, steps: int, checkpoint_every: int) -> dict[
     """Wall time of the tokenizer stage: as a job (task received -> stage done) vs `genie train tokenizer`."""
     worker = stack.start_worker("bench")
     try:
+        # batch_size 8: the tiny preset's own, which the direct run uses.
         job = stack.submit("bench", tokenizer_steps=str(steps), checkpoint_every=str(checkpoint_every),
-                           dynamics_steps="1", eval_clips="1")
+                           batch_size="8", dynamics_steps="1", eval_clips="1")
         stack.wait(job.job_id, lambda r: r.stage == "tokenizer" and r.state == "running", timeout_s=900)
         started = time.perf_counter()
         stack.wait(job.job_id, lambda r: r.stage != "tokenizer" or r.finished, timeout_s=24 * 3600)
@@ -84,9 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="tokenizer steps of the overhead run")
     parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--presets", default="tiny,coinrun")
+    parser.add_argument("--presets", default="tiny,coinrun", help='worlds to publish and load ("": none)')
     parser.add_argument("--out", type=Path, default=Path("bench/results/jobs-cpu.json"))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphan servers
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         redis, s3 = start_servers(tmp)
@@ -94,8 +97,10 @@ def main() -> None:
             stack = JobsStack(redis, s3, "bench", free_ports(1)[0], free_ports(1)[0], "bench-q", tmp)
             env = {k.removeprefix("GENIE_STORE_").lower(): v for k, v in stack.store_env().items()}
             store = open_store(StoreSettings(**env))
-            results: dict[str, object] = {"models": {}}
-            for preset in args.presets.split(","):
+            # Results of an earlier run are kept for the parts this run skips (--presets "").
+            results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+            results.setdefault("models", {})
+            for preset in filter(None, args.presets.split(",")):
                 results["models"][preset] = publish_and_load(store, preset, tmp)
                 print(preset, results["models"][preset], flush=True)
             upload_videos(store, write_videos(tmp / "videos", count=4, frames=48), "squares")

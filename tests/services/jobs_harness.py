@@ -101,6 +101,7 @@ class JobsStack:
                     return
             except grpc.RpcError:
                 time.sleep(0.2)
+        self.service.kill()
         raise RuntimeError("job service not healthy:\n" + self.service.tail())
 
     def start_worker(self, name: str, **env_overrides: str) -> Proc:
