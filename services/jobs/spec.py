@@ -13,10 +13,12 @@ PRESETS = ("tiny", "coinrun")  # the genie_models presets (TOKENIZER_PRESETS etc
 # name -> (lowest, highest, what it sets)
 OVERRIDES: dict[str, tuple[int, int, str]] = {
     "tokenizer_steps": (1, 10_000_000, "training steps of the tokenizer"),
-    "dynamics_steps": (1, 10_000_000, "training steps of LAM + dynamics"),
+    "lam_steps": (0, 10_000_000, "steps of the LAM-alone phase before dynamics (0: co-train LAM and dynamics)"),
+    "dynamics_steps": (1, 10_000_000, "training steps of dynamics (with the LAM, or after it)"),
     "batch_size": (1, 4096, "clips per training batch (both stages)"),
     "checkpoint_every": (1, 10_000_000, "steps between checkpoints (both stages)"),
     "eval_clips": (1, 100_000, "held-out clips evaluated"),
+    "eval_horizon": (1, 256, "frames generated per evaluated clip"),
     "seed": (0, 2**31 - 1, "random seed of data sampling and initialisation"),
 }
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -70,9 +70,15 @@ def run(spec: dict) -> None:
                                            spec.get("device"), progress=False)
     elif stage == "dynamics":
         config = training_config(dynamics_training.DYNAMICS_TRAINING[preset], overrides, "dynamics_steps")
+        lam_first = dynamics_training.LAM_FIRST.get(preset)
+        if lam_first is not None and overrides.get("lam_steps") == 0:
+            lam_first = None
+        elif lam_first is not None:
+            lam_first = training_config(lam_first, overrides, "lam_steps")
         tokenizer = tokenizer_training.load_tokenizer(Path(spec["tokenizer_run"]))
         dynamics_training.train_dynamics(dataset, tokenizer, LAM_PRESETS[preset], DYNAMICS_PRESETS[preset], config,
-                                         Path(spec["dynamics_run"]), spec.get("device"), progress=False)
+                                         Path(spec["dynamics_run"]), spec.get("device"), progress=False,
+                                         lam_first=lam_first)
     elif stage == "eval":
         evaluate(spec, dataset, overrides)
     else:
@@ -94,7 +100,8 @@ def evaluate(spec: dict, dataset, overrides: dict[str, int]) -> None:
     checkpoint = latest_checkpoint(Path(spec["dynamics_run"]))
     world = WorldModel.load(checkpoint)
     clips = overrides.get("eval_clips", EvalConfig().num_clips)
-    metrics = evaluate_world(world, dataset, EvalConfig(num_clips=clips, batch_size=min(16, clips),
+    horizon = overrides.get("eval_horizon", EvalConfig().horizon)
+    metrics = evaluate_world(world, dataset, EvalConfig(num_clips=clips, horizon=horizon, batch_size=min(16, clips),
                                                         seed=overrides.get("seed", 0)))
     step = int(checkpoint.name.split("-")[-1])
     world.save(Path(spec["world_dir"]), step=step, metrics=metrics)

@@ -71,13 +71,15 @@ class StageRunner:
         dynamics = self._sync(job, "dynamics", paths.dynamics_run)
         if stage == "tokenizer":
             tokenizer.pull()
-            return self._process(job, stage, paths, tokenizer, lease_lost)
+            return self._process(job, stage, paths, [tokenizer], lease_lost)
         if stage == "dynamics":
             self._require(tokenizer)
+            lam = self._sync(job, "dynamics-lam", paths.dynamics_run / "lam")  # the LAM-alone phase, if any
+            lam.pull()
             dynamics.pull()
-            return self._process(job, stage, paths, dynamics, lease_lost)
+            return self._process(job, stage, paths, [lam, dynamics], lease_lost)
         self._require(dynamics)
-        outcome = self._process(job, stage, paths, None, lease_lost)
+        outcome = self._process(job, stage, paths, [], lease_lost)
         if outcome == DONE:
             metrics = json.loads((paths.root / "metrics.json").read_text())
             put_checkpoint(self.store, paths.world, store_prefix(job.job_id, "world"))
@@ -94,7 +96,7 @@ class StageRunner:
         if not (paths.data / "index.json").is_file():  # an earlier attempt here may have finished ingesting
             shutil.rmtree(paths.data, ignore_errors=True)  # or left part of it
             download_videos(self.store, job.dataset, paths.videos)
-            outcome = self._process(job, "data", paths, None, lease_lost)
+            outcome = self._process(job, "data", paths, [], lease_lost)
         if outcome == DONE:
             put_tree(self.store, paths.data, store_prefix(job.job_id, "data"), last="index.json")
         return outcome
@@ -120,7 +122,7 @@ class StageRunner:
         self.metrics.publish_duration.observe(time.perf_counter() - started)
         return DONE
 
-    def _process(self, job: JobRecord, stage: str, paths: JobPaths, sync: RunSync | None,
+    def _process(self, job: JobRecord, stage: str, paths: JobPaths, syncs: list[RunSync],
                  lease_lost: threading.Event) -> str:
         progress, error = paths.root / f"{stage}.progress.json", paths.root / f"{stage}.error.txt"
         for stale in (progress, error):
@@ -136,25 +138,22 @@ class StageRunner:
             process = subprocess.Popen([sys.executable, "-m", "services.worker.stage_process", str(spec_path)],
                                        stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         logger.info("stage %s of %s started as pid %d", stage, job.job_id, process.pid)
-        return self._supervise(job.job_id, stage, process, progress, error, sync, lease_lost)
+        return self._supervise(job.job_id, stage, process, progress, error, syncs, lease_lost)
 
     def _supervise(self, job_id: str, stage: str, process: subprocess.Popen, progress: Path, error: Path,
-                   sync: RunSync | None, lease_lost: threading.Event) -> str:
+                   syncs: list[RunSync], lease_lost: threading.Event) -> str:
         last_step = None
         while True:
             code = process.poll()
             state = _read_json(progress)
             if state:
                 last_step = self._report(job_id, stage, state, last_step)
-            if sync is not None and (key := sync.push()):
-                self.metrics.checkpoints_synced.labels(stage).inc()
-                self.records.update(job_id, lambda r: setattr(r, "last_checkpoint", key))
+            self._push(job_id, stage, syncs)
             if code is not None:
                 break
             if lease_lost.is_set() or self.records.get(job_id).state == CANCELLED:
                 self._stop(process)
-                if sync is not None and (key := sync.push()):  # keep the last good checkpoint
-                    self.records.update(job_id, lambda r: setattr(r, "last_checkpoint", key))
+                self._push(job_id, stage, syncs)  # keep the last good checkpoint
                 return STOPPED
             time.sleep(self.settings.poll_s)
         self.metrics.frames_per_second.labels(stage).set(0)
@@ -165,10 +164,18 @@ class StageRunner:
         cause = error.read_text() if error.is_file() else f"exit code {code}, no error recorded"
         raise StageFailed(f"{stage} stage failed: {cause}")
 
+    def _push(self, job_id: str, stage: str, syncs: list[RunSync]) -> None:
+        for sync in syncs:
+            if key := sync.push():
+                self.metrics.checkpoints_synced.labels(stage).inc()
+                self.records.update(job_id, lambda r: setattr(r, "last_checkpoint", key))
+
     def _report(self, job_id: str, stage: str, state: dict, last_step: int | None) -> int:
         step = int(state.get("step", 0))
         if last_step is not None and step > last_step:
             self.metrics.training_steps.labels(stage).inc(step - last_step)
+        elif last_step is not None and step < last_step:  # the stage's next phase (dynamics after the LAM)
+            self.metrics.training_steps.labels(stage).inc(step - int(state.get("resumed_from_step", 0)))
         self.metrics.frames_per_second.labels(stage).set(float(state.get("frames_per_second", 0.0)))
 
         def change(record: JobRecord) -> bool:

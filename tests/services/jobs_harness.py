@@ -27,7 +27,8 @@ from tests.services.jobs_servers import RedisServer, S3Server
 
 GENIE = str(Path(sys.executable).parent / "genie")
 # Tiny jobs: a few steps per stage, checkpoints often, so the fault tests have something to resume from.
-TINY = {"tokenizer_steps": "3", "dynamics_steps": "3", "batch_size": "2", "checkpoint_every": "2", "eval_clips": "2"}
+TINY = {"tokenizer_steps": "3", "lam_steps": "2", "dynamics_steps": "3", "batch_size": "2", "checkpoint_every": "2",
+        "eval_clips": "2", "eval_horizon": "4"}
 
 
 def write_videos(folder: Path, count: int = 3, frames: int = 12, size: int = 64) -> Path:

@@ -65,7 +65,7 @@ def test_job_publishes_one_version_through_an_s3_restart_and_streams_progress(jo
         assert {pb.JOB_STAGE_TOKENIZER, pb.JOB_STAGE_DYNAMICS, pb.JOB_STAGE_PUBLISH} <= {u.stage for u in seen}
         training = [u for u in seen if u.stage == pb.JOB_STAGE_TOKENIZER and u.step > 0]
         assert training and training[-1].total_steps == 3 and "loss" in training[-1].losses
-        assert final.model_version == "1" and "generation_psnr" in final.eval_metrics
+        assert final.model_version == "1" and "generation_psnr_t4" in final.eval_metrics
         catalog = ModelCatalog(store_of(jobs_stack), tmp_path / "cache")
         assert catalog.versions("squares-happy") == [1]  # retried, published once
         model, local = catalog.load("squares-happy")
