@@ -152,7 +152,7 @@ def test_store_fault_fails_the_job_with_a_message_naming_the_cause(jobs_stack, t
     worker = jobs_stack.start_worker(f"fault-{fault}", **overrides)
     try:
         job = jobs_stack.submit(f"fault-{fault}", dataset=dataset)
-        failed = jobs_stack.wait(job.job_id, lambda r: r.finished, timeout_s=120, workers=(worker,))
+        failed = jobs_stack.wait(job.job_id, lambda r: r.finished, timeout_s=300, workers=(worker,))
         assert failed.state == "failed" and expected in failed.error, failed.error
         assert "wrong-secret" not in failed.error and jobs_stack.s3.secret_key not in failed.error
     finally:
