@@ -13,7 +13,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ("genie/v1/world.proto",)
+PROTO_FILES = ("genie/v1/world.proto", "genie/v1/jobs.proto")
 
 
 def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gateway.set_defaults(handler=_serve_gateway)
     _register_model_services(serve_sub)
     _register_stack(serve_sub)
+    from services.jobs.cli import register as register_jobs  # serve jobs, jobs, worker, datasets, models
+
+    register_jobs(subparsers, serve_sub)
 
     client = subparsers.add_parser("client", help="talk to a running gateway")
     client_sub = client.add_subparsers(dest="client_command", required=True)

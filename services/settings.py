@@ -64,3 +64,63 @@ class GatewaySettings(BaseSettings):
     triton_endpoints: dict[str, dict[str, str]] = Field(
         default_factory=dict,
         description="model name -> {tokenizer|lam|dynamics: Triton gRPC host:port} (backend=triton only)")
+
+
+class StoreSettings(BaseSettings):
+    """Where datasets, run checkpoints and published models live; env prefix GENIE_STORE_.
+
+    S3 credentials come from GENIE_STORE_S3_ACCESS_KEY / GENIE_STORE_S3_SECRET_KEY or from a secret file
+    (GENIE_STORE_S3_CREDENTIALS_FILE, JSON {"access_key": ..., "secret_key": ...}); never from code.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GENIE_STORE_", frozen=True)
+
+    kind: str = Field("local", description="store plugin (entry point group genie.stores): local or s3")
+    root: str = Field("out/store", description="directory of the local store")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="S3 host:port (MinIO, SeaweedFS, AWS)")
+    s3_bucket: str = Field("genie", description="bucket holding datasets/, jobs/ and models/ (created if missing)")
+    s3_secure: bool = Field(False, description="use HTTPS")
+    s3_region: str | None = Field(None, description="S3 region, if the server needs one")
+    s3_access_key: SecretStr | None = Field(None, description="S3 access key (or use the credentials file)")
+    s3_secret_key: SecretStr | None = Field(None, description="S3 secret key (or use the credentials file)")
+    s3_credentials_file: Path | None = Field(None, description='JSON secret file {"access_key":..,"secret_key":..}')
+    retry_s: float = Field(60.0, ge=0, description="how long a store call retries an unreachable server")
+    cache_dir: str = Field("out/model-cache", description="where loaded model versions are kept locally")
+
+
+class JobsSettings(BaseSettings):
+    """The training-job API (`genie serve jobs`); env prefix GENIE_JOBS_. Store settings: GENIE_STORE_*."""
+
+    model_config = SettingsConfigDict(env_prefix="GENIE_JOBS_", frozen=True)
+
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(50061, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="job records, Celery broker and results")
+    queue: str = Field("genie-training", description="Celery queue the stages are sent to")
+    watch_poll_s: float = Field(0.25, gt=0, description="how often WatchJob looks for changes")
+    rpc_threads: int = Field(32, ge=4, description="gRPC worker threads; each open WatchJob holds one")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on SIGTERM")
+    log_level: str = Field("INFO", description="logging level of the JSON log lines")
+
+
+class WorkerSettings(BaseSettings):
+    """A training worker (`genie worker`); env prefix GENIE_WORKER_. Store settings: GENIE_STORE_*."""
+
+    model_config = SettingsConfigDict(env_prefix="GENIE_WORKER_", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="job records, Celery broker and results")
+    queue: str = Field("genie-training", description="Celery queue to consume")
+    concurrency: int = Field(1, ge=1, description="stages run at once (each in its own process)")
+    scratch_dir: str = Field("out/worker", description="local working copies of data and checkpoints")
+    device: str | None = Field(None, description="torch device of the stages (default: cuda if available)")
+    visibility_timeout_s: float = Field(
+        300.0, gt=0, description="an unacknowledged stage is redelivered after this long (a dead worker's "
+        "stage resumes then); a live worker's per-job lease turns the duplicate away")
+    lease_s: float = Field(30.0, gt=0, description="a job's lease expires this long after its worker's last heartbeat")
+    poll_s: float = Field(0.5, gt=0, description="how often a running stage reports progress, syncs, checks cancel")
+    cancel_grace_s: float = Field(5.0, ge=0, description="SIGTERM-to-SIGKILL time of a cancelled stage process")
+    max_stage_attempts: int = Field(3, ge=1, description="a stage whose process dies is retried this many times")
+    keep_checkpoints: int = Field(2, ge=1, description="run checkpoints kept in the store per stage")
+    metrics_port: int = Field(9092, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
+    log_level: str = Field("INFO", description="logging level")

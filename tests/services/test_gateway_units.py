@@ -30,7 +30,7 @@ def test_committed_grpc_stubs_match_a_fresh_generation(tmp_path):
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     written = generate.generate(tmp_path)
-    assert {p.name for p in written} == {"world_pb2.py", "world_pb2.pyi", "world_pb2_grpc.py"}
+    assert {p.name for p in written} == {f"{name}_pb2{suffix}" for name in ("world", "jobs") for suffix in (".py", ".pyi", "_grpc.py")}
     for path in written:
         committed = PROTOS / path.relative_to(tmp_path)
         assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run protos/generate.sh"

@@ -1,0 +1,206 @@
+"""CLI of training jobs: `genie serve jobs`, `genie jobs submit|get|watch|list|cancel`, `genie worker`,
+`genie datasets upload` and `genie models list|delete`. Registered by services.cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50061"
+
+
+def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubParsersAction) -> None:
+    serve = serve_sub.add_parser("jobs", help="the genie.v1 JobService (GENIE_JOBS_*, store: GENIE_STORE_*)")
+    serve.add_argument("--port", type=int, help="gRPC port (overrides GENIE_JOBS_PORT)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (overrides GENIE_JOBS_METRICS_PORT)")
+    serve.set_defaults(handler=_serve_jobs)
+
+    worker = subparsers.add_parser("worker", help="a training worker (Celery; GENIE_WORKER_*, GENIE_STORE_*)")
+    worker.add_argument("--concurrency", type=int, help="stages at once (overrides GENIE_WORKER_CONCURRENCY)")
+    worker.set_defaults(handler=_worker)
+
+    jobs = subparsers.add_parser("jobs", help="submit and follow training jobs")
+    jobs.add_argument("--address", default=DEFAULT_ADDRESS, help="job service host:port")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    submit = jobs_sub.add_parser("submit", help="train a world from a dataset in the store and publish it")
+    submit.add_argument("--dataset", required=True, help="dataset name (genie datasets upload DIR --name NAME)")
+    submit.add_argument("--preset", default="tiny", help="tiny or coinrun")
+    submit.add_argument("--model-name", default="", help="publish as this model (default: the dataset name)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override, e.g. tokenizer_steps=100 (repeatable)")
+    submit.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+    submit.set_defaults(handler=_submit)
+    for name, text in (("get", "one job as JSON"), ("watch", "follow a job with a progress bar until it ends"),
+                       ("cancel", "stop a job (its last checkpoint stays in the store)")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("job_id")
+        command.set_defaults(handler=_watch if name == "watch" else _get_or_cancel)
+    listing = jobs_sub.add_parser("list", help="recent jobs, newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.set_defaults(handler=_list)
+
+    datasets = subparsers.add_parser("datasets", help="video datasets in the store (GENIE_STORE_*)")
+    datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
+    upload = datasets_sub.add_parser("upload", help="upload a folder of videos (mp4, webm, mkv, avi, mov, gif)")
+    upload.add_argument("src", type=Path)
+    upload.add_argument("--name", required=True)
+    upload.set_defaults(handler=_upload)
+
+    models = subparsers.add_parser("models", help="published model versions in the store (GENIE_STORE_*)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="models and their versions").set_defaults(handler=_models_list)
+    delete = models_sub.add_parser("delete", help="delete one version: NAME@VERSION")
+    delete.add_argument("ref")
+    delete.set_defaults(handler=_models_delete)
+
+
+def _serve_jobs(args: argparse.Namespace) -> None:
+    from services.jobs.server import serve
+    from services.logs import configure_logging
+    from services.settings import JobsSettings, StoreSettings
+
+    settings = JobsSettings()
+    overrides = {key: value for key, value in (("port", args.port), ("metrics_port", args.metrics_port))
+                 if value is not None}
+    settings = settings.model_copy(update=overrides) if overrides else settings
+    configure_logging(settings.log_level)
+    serve(settings, StoreSettings())
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from services.settings import StoreSettings, WorkerSettings
+    from services.worker.main import run_worker
+
+    settings = WorkerSettings()
+    if args.concurrency:
+        settings = settings.model_copy(update={"concurrency": args.concurrency})
+    run_worker(settings, StoreSettings())
+
+
+def _stub(address: str):
+    import grpc
+
+    from genie.v1 import jobs_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    return channel, jobs_pb2_grpc.JobServiceStub(channel)
+
+
+def _job_json(job) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(job, preserving_proto_field_name=True, indent=None)
+
+
+def _rpc(function, *args):
+    import grpc
+
+    try:
+        return function(*args)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from genie.v1 import jobs_pb2 as pb
+
+    pairs = [item.split("=", 1) for item in args.set]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--set takes KEY=VALUE, got {args.set}")
+    channel, stub = _stub(args.address)
+    with channel:
+        job = _rpc(stub.SubmitJob, pb.SubmitJobRequest(dataset=args.dataset, preset=args.preset,
+                                                       model_name=args.model_name, overrides=dict(pairs)))
+        print(job.job_id, flush=True)
+        if args.watch:
+            _follow(stub, job.job_id)
+
+
+def _get_or_cancel(args: argparse.Namespace) -> None:
+    from genie.v1 import jobs_pb2 as pb
+
+    channel, stub = _stub(args.address)
+    with channel:
+        if args.jobs_command == "get":
+            job = _rpc(stub.GetJob, pb.GetJobRequest(job_id=args.job_id))
+        else:
+            job = _rpc(stub.CancelJob, pb.CancelJobRequest(job_id=args.job_id))
+        print(_job_json(job))
+
+
+def _watch(args: argparse.Namespace) -> None:
+    channel, stub = _stub(args.address)
+    with channel:
+        _follow(stub, args.job_id)
+
+
+def _follow(stub, job_id: str) -> None:
+    """A tqdm bar per stage (steps, losses, frames/s, ETA); exits 0 only if the job succeeds."""
+    from tqdm import tqdm
+
+    from genie.v1 import jobs_pb2 as pb
+
+    bar, stage, job = None, None, None
+    for job in _rpc(stub.WatchJob, pb.WatchJobRequest(job_id=job_id)):
+        if job.stage != stage:
+            if bar is not None:
+                bar.close()
+            stage = job.stage
+            bar = tqdm(desc=pb.JobStage.Name(stage).removeprefix("JOB_STAGE_").lower(), unit="step",
+                       dynamic_ncols=True)
+        if job.total_steps and bar.total != job.total_steps:
+            bar.reset(total=job.total_steps)
+        bar.n = job.step
+        bar.set_postfix({**{k: f"{v:.4g}" for k, v in sorted(job.losses.items())[:3]},
+                         "frames/s": f"{job.frames_per_second:.0f}", "eta": f"{job.eta_seconds:.0f}s"}, refresh=False)
+        bar.refresh()
+    if bar is not None:
+        bar.close()
+    state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower() if job else "unknown"
+    print(f"{job_id}: {state}" + (f" ({job.error})" if job and job.error else "")
+          + (f", model {job.model_name}@{job.model_version}" if job and job.model_version else ""))
+    if not job or job.state != pb.JOB_STATE_SUCCEEDED:
+        raise SystemExit(1)
+
+
+def _list(args: argparse.Namespace) -> None:
+    from genie.v1 import jobs_pb2 as pb
+
+    channel, stub = _stub(args.address)
+    with channel:
+        for job in _rpc(stub.ListJobs, pb.ListJobsRequest(limit=args.limit)).jobs:
+            state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+            stage = pb.JobStage.Name(job.stage).removeprefix("JOB_STAGE_").lower()
+            print(f"{job.job_id}  {state:<9}  {stage:<9}  {job.step}/{job.total_steps}  {job.dataset} -> "
+                  f"{job.model_name}{'@' + job.model_version if job.model_version else ''}  {job.error}")
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from services.settings import StoreSettings
+    from services.stores.base import open_store
+    from services.stores.datasets import upload_videos
+
+    keys = upload_videos(open_store(StoreSettings()), args.src, args.name)
+    print(json.dumps({"dataset": args.name, "videos": len(keys)}))
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from services.settings import StoreSettings
+    from services.stores.base import open_store
+    from services.stores.catalog import ModelCatalog
+
+    catalog = ModelCatalog(open_store(StoreSettings()))
+    print(json.dumps({name: {"versions": catalog.versions(name), "latest": catalog.resolve(name).version}
+                      for name in catalog.models()}))
+
+
+def _models_delete(args: argparse.Namespace) -> None:
+    from services.settings import StoreSettings
+    from services.stores.base import open_store
+    from services.stores.catalog import ModelCatalog
+
+    print(ModelCatalog(open_store(StoreSettings())).delete(args.ref).ref)
