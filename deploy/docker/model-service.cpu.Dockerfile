@@ -21,5 +21,5 @@ EXPOSE 8000 8001 8002
 # Ready = tritonserver up and every model of this service loaded (Triton's own readiness endpoint).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/genie-healthcheck", "http", "http://127.0.0.1:8000/v2/health/ready"]
-ENTRYPOINT ["genie", "serve"]
-CMD ["dynamics", "--help"]
+ENTRYPOINT ["genie"]
+CMD ["serve", "dynamics", "--help"]

@@ -29,5 +29,5 @@ USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/usr/local/bin/genie-healthcheck", "http", "http://127.0.0.1:8000/v2/health/ready"]
-ENTRYPOINT ["genie", "serve"]
-CMD ["dynamics", "--help"]
+ENTRYPOINT ["genie"]
+CMD ["serve", "dynamics", "--help"]
