@@ -1,0 +1,93 @@
+"""What the deploy tests share: the `genie` command's parser, the settings classes by env prefix, Compose
+interpolation, Dockerfile entrypoints, and the rendered Kubernetes overlays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.settings import GatewaySettings, JobsSettings, StoreSettings, WorkerSettings
+from tests.deploy.tools import run
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("cpu", "gpu")
+SETTINGS_BY_PREFIX = {cls.model_config["env_prefix"]: cls
+                      for cls in (GatewaySettings, StoreSettings, JobsSettings, WorkerSettings)}
+
+
+def genie_parser() -> argparse.ArgumentParser:
+    """The `genie` parser with the services' subcommands, built the way services/cli.py's main() builds it."""
+    from services.cli import register
+
+    parser = argparse.ArgumentParser(prog="genie", exit_on_error=False)
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """Parses a container's full argv (entrypoint + command); fails the test if genie would reject it."""
+    assert argv and argv[0] == "genie", f"every genie container runs the genie command, not {argv[:1]}"
+    try:
+        return genie_parser().parse_args(argv[1:])
+    except SystemExit as exit_:
+        pytest.fail(f"`{' '.join(argv)}` is not a valid genie command (argparse exit {exit_.code})")
+
+
+def dockerfile_entrypoint(dockerfile: Path) -> list[str]:
+    lines = [line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT ")]
+    assert len(lines) == 1, f"{dockerfile} needs exactly one exec-form ENTRYPOINT"
+    return json.loads(lines[0].removeprefix("ENTRYPOINT "))
+
+
+def settings_field(name: str) -> tuple[type, str]:
+    """GENIE_GATEWAY_MAX_WORLDS -> (GatewaySettings, 'max_worlds'); fails for a name no settings class reads."""
+    for prefix, cls in SETTINGS_BY_PREFIX.items():
+        if name.startswith(prefix):
+            field = name.removeprefix(prefix).lower()
+            assert field in cls.model_fields, f"{name}: {cls.__name__} has no field {field!r} " \
+                                              f"(fields: {', '.join(cls.model_fields)})"
+            return cls, field
+    pytest.fail(f"{name} has no settings class; prefixes are {', '.join(SETTINGS_BY_PREFIX)}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} -> default and ${VAR:?message} -> a stand-in (the value a user must set)."""
+    value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{\w+:\?[^}]*\}", "set-by-operator", value).replace("$$", "$")
+
+
+def render(overlay: str) -> list[dict]:
+    """Every object `kubectl kustomize deploy/k8s/overlays/<overlay>` renders."""
+    result = run("kubectl", "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay))
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[type, object]:
+    """Builds each settings class the GENIE_* variables in `env` name, from exactly those variables, so a
+    value the service would reject at start-up (bad JSON, out-of-range port) fails here."""
+    for name in [name for name in __import__("os").environ if name.startswith("GENIE_")]:
+        monkeypatch.delenv(name)
+    classes = set()
+    for name, value in env.items():
+        if name.startswith("GENIE_"):
+            classes.add(settings_field(name)[0])
+            monkeypatch.setenv(name, value)
+    return {cls: cls() for cls in classes}
+
+
+# The genie services started by a command, and the settings prefixes each one reads.
+PREFIXES_BY_SERVICE = {"gateway": ("GENIE_GATEWAY_",), "jobs": ("GENIE_JOBS_", "GENIE_STORE_"),
+                       "worker": ("GENIE_WORKER_", "GENIE_STORE_"),
+                       "tokenizer": (), "lam": (), "dynamics": ()}
+
+
+def service_of(args: argparse.Namespace) -> str:
+    """`genie serve dynamics ...` -> 'dynamics'; `genie worker` -> 'worker'."""
+    return args.service if args.command == "serve" else args.command
