@@ -105,13 +105,21 @@ class DynamicsModel(nn.Module):
         bonus = (self.copy_logit * known).to(logits.dtype)
         return logits.scatter_add(-1, previous_tokens.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
 
-    def _logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+    @torch.no_grad()
+    def append(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView) -> None:
+        """Write known frames (tokens [B, T, S], actions [B, T]) into a committing cache view, without the
+        output head: a world's history at a rebuild, or the frame a step just sampled."""
+        self._hidden(tokens, actions, cache)
+
+    def _hidden(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
         x = self.token_embed(tokens)
         action = self.action_embed(actions)[:, :, None, :]  # [B, T, 1, D]
         x = torch.cat([action, x], dim=2) if self.config.action_as_token else x + action  # [B, T, frame_length, D]
         x = self.transformer(x + self.position, cache=cache)
-        if self.config.action_as_token:
-            x = x[:, :, 1:]
+        return x[:, :, 1:] if self.config.action_as_token else x  # [B, T, S, D]
+
+    def _logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+        x = self._hidden(tokens, actions, cache)
         if self.head is not None:
             return self.head(x)
         return x @ self.token_embed.weight[:self.config.num_codes].T + self.head_bias

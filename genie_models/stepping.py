@@ -116,7 +116,7 @@ class DynamicsEngine:
         """
         slots = self.sessions.open(session, first_position)
         view = self.sessions.view(slots, commit=True)
-        self.model(tokens[None].to(self.device), actions[None].to(self.device), cache=view)
+        self.model.append(tokens[None].to(self.device), actions[None].to(self.device), view)
         self.last_tokens[slots] = tokens[-1].to(self.device)
 
     @torch.no_grad()
@@ -140,7 +140,7 @@ class DynamicsEngine:
         previous = self.last_tokens[slots][:, None]  # [B, 1, S]
         tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, view, previous)[:, 0],
                                 self.config.mask_id, num_steps, temperature, uniforms)
-        self.model(tokens[:, None], actions, cache=view.committing())
+        self.model.append(tokens[:, None], actions, view.committing())
         self.last_tokens[slots] = tokens
         return tokens
 

@@ -228,10 +228,10 @@ def wait_serving(port: int, server: subprocess.Popen, timeout_s: float = 120) ->
 @pytest.mark.integration
 def test_readme_serving_lines_serve_a_world_and_client_play_saves_frames(demo_dir, tmp_path):
     port = free_port()
-    gateway_line = readme_command(SERVING_HEADING, "genie serve gateway")
+    gateway_line = readme_command(SERVING_HEADING, "GENIE_GATEWAY_AUTH=none genie serve gateway")
     command = gateway_line + f" --port {port} --metrics-port 0"
     environment = os.environ | {"PATH": f"{VENV / 'bin'}:{os.environ['PATH']}", "GENIE_GATEWAY_HOST": "127.0.0.1"}
-    server = subprocess.Popen(["bash", "-c", "exec " + command], cwd=demo_dir, env=environment,
+    server = subprocess.Popen(["bash", "-c", "exec env " + command], cwd=demo_dir, env=environment,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_serving(port, server)

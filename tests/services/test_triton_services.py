@@ -54,6 +54,10 @@ def step_inputs(world_id: str, action: int = 1, step_index: int = 0) -> dict[str
             "num_maskgit_steps": np.array([[4]], dtype=np.int32), "temperature": np.array([[1.0]], dtype=np.float32)}
 
 
+# Start models take the world's frame index of the history's first frame; these histories start a world.
+AT_START = {"first_position": np.array([0], dtype=np.int64)}
+
+
 def decode_inputs(world_id: str, tokens: np.ndarray, step_index: int = 0) -> dict[str, np.ndarray]:
     return {"world_id": ids_column(world_id, rows=True), "tokens": tokens,
             "step_index": np.array([[step_index]], dtype=np.int64)}
@@ -62,7 +66,7 @@ def decode_inputs(world_id: str, tokens: np.ndarray, step_index: int = 0) -> dic
 def start_dynamics(dynamics: ServiceClient, world_id: str) -> None:
     history = np.random.default_rng(1).integers(0, NUM_CODES, (2, GRID * GRID))
     dynamics.infer(protocol.DYNAMICS_START, {"world_id": ids_column(world_id, rows=False), "tokens": history,
-                                             "actions": np.array([NUM_ACTIONS, 2], dtype=np.int64)})
+                                             "actions": np.array([NUM_ACTIONS, 2], dtype=np.int64)} | AT_START)
 
 
 def metric(stack, kind: str, name: str, model: str) -> float:
@@ -77,7 +81,7 @@ def test_encode_start_decode_round_trip_keeps_shapes(stack):
     tokens = tokenizer.infer(protocol.TOKENIZER_ENCODE, {"frames": frames(3)}).as_numpy("tokens")
     assert tokens.shape == (3, GRID, GRID) and 0 <= tokens.min() and tokens.max() < NUM_CODES
     history = tokenizer.infer(protocol.TOKENIZER_START, {"world_id": ids_column("round-trip", rows=False),
-                                                         "tokens": tokens}).as_numpy("frames")
+                                                         "tokens": tokens} | AT_START).as_numpy("frames")
     assert history.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and history.dtype == np.uint8
     decoded = tokenizer.infer(protocol.TOKENIZER_DECODE, decode_inputs("round-trip", tokens[-1:]))
     assert decoded.as_numpy("frames").shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -110,7 +114,7 @@ def test_bad_history_is_refused_with_a_message(stack):
     with pytest.raises(ValueError, match="actions must lie in"):
         client(stack, "dynamics").infer(protocol.DYNAMICS_START, {
             "world_id": ids_column("bad", rows=False), "tokens": np.zeros((2, GRID * GRID), dtype=np.int64),
-            "actions": np.array([99, 0], dtype=np.int64)})
+            "actions": np.array([99, 0], dtype=np.int64)} | AT_START)
 
 
 def test_concurrent_steps_of_eight_worlds_run_in_fewer_batches(stack):
@@ -208,7 +212,7 @@ def test_a_step_applied_once_is_refused_when_sent_again(stack):
     np.testing.assert_array_equal(replay.as_numpy("tokens"), first.as_numpy("tokens"))
     tokenizer = client(stack, "tokenizer")
     tokens = tokenizer.infer(protocol.TOKENIZER_ENCODE, {"frames": frames(1)}).as_numpy("tokens")
-    tokenizer.infer(protocol.TOKENIZER_START, {"world_id": ids_column("retried", rows=False), "tokens": tokens})
+    tokenizer.infer(protocol.TOKENIZER_START, {"world_id": ids_column("retried", rows=False), "tokens": tokens} | AT_START)
     statuses = [tokenizer.infer(protocol.TOKENIZER_DECODE, decode_inputs("retried", tokens, step_index=5))
                 .as_numpy("status").item() for _ in range(2)]
     assert statuses == [Status.OK, Status.NOT_CACHED]
