@@ -171,11 +171,13 @@ class StageRunner:
                 self.records.update(job_id, lambda r: setattr(r, "last_checkpoint", key))
 
     def _report(self, job_id: str, stage: str, state: dict, last_step: int | None) -> int:
-        step = int(state.get("step", 0))
-        if last_step is not None and step > last_step:
-            self.metrics.training_steps.labels(stage).inc(step - last_step)
-        elif last_step is not None and step < last_step:  # the stage's next phase (dynamics after the LAM)
-            self.metrics.training_steps.labels(stage).inc(step - int(state.get("resumed_from_step", 0)))
+        step, resumed_from = int(state.get("step", 0)), int(state.get("resumed_from_step", 0))
+        # Count from where this attempt started: a short stage may be first seen already finished.
+        previous = resumed_from if last_step is None else last_step
+        if step > previous:
+            self.metrics.training_steps.labels(stage).inc(step - previous)
+        elif step < previous:  # the stage's next phase (dynamics after the LAM)
+            self.metrics.training_steps.labels(stage).inc(step - resumed_from)
         self.metrics.frames_per_second.labels(stage).set(float(state.get("frames_per_second", 0.0)))
 
         def change(record: JobRecord) -> bool:
