@@ -99,11 +99,14 @@ class DynamicsModel(nn.Module):
         if self.copy_logit is None:
             return logits
         if previous_tokens is None:
-            none = torch.full_like(tokens[:, :1], self.config.mask_id)
-            previous_tokens = torch.cat([none, tokens[:, :-1]], dim=1)
+            previous_tokens = self._predecessors(tokens)
         known = previous_tokens != self.config.mask_id
         bonus = (self.copy_logit * known).to(logits.dtype)
         return logits.scatter_add(-1, previous_tokens.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
+
+    def _predecessors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, S] -> each frame's predecessor's tokens, mask_id (none) for the first frame."""
+        return torch.cat([torch.full_like(tokens[:, :1], self.config.mask_id), tokens[:, :-1]], dim=1)
 
     @torch.no_grad()
     def append(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView) -> None:
@@ -136,8 +139,7 @@ class DynamicsModel(nn.Module):
         inputs = torch.where(masked, self.config.mask_id, tokens)
         no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
         # As at play time, a frame's predecessor is known when the frame is predicted (clean, not masked).
-        previous = torch.cat([torch.full_like(tokens[:, :1], self.config.mask_id), tokens[:, :-1]], dim=1)
-        logits = self(inputs, torch.cat([no_action, actions], dim=1), previous_tokens=previous)
+        logits = self(inputs, torch.cat([no_action, actions], dim=1), previous_tokens=self._predecessors(tokens))
         loss = F.cross_entropy(logits[masked].float(), tokens[masked])
         accuracy = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
         return DynamicsLoss(loss, accuracy)
