@@ -21,6 +21,7 @@ from genie_models.st_transformer import CacheView, STConfig, STTransformer
 @dataclass(frozen=True)
 class DynamicsConfig:
     num_codes: int = 1024  # tokenizer vocabulary
+    code_dim: int = 32  # the tokenizer's code vectors (expected-code decoding)
     tokens_per_frame: int = 256
     num_actions: int = 8
     d_model: int = 512
@@ -40,6 +41,16 @@ class DynamicsConfig:
     # even odds against the rest of the vocabulary (log num_codes): the untrained model already plays
     # "nothing changes" (the tokenized-copy baseline) and its capacity goes to what does change.
     copy_previous_token: bool = True
+    # With copy_previous_token: a pointer over the previous frame's tokens within (rows, columns) of each
+    # position, mixed with the generated distribution (pointer-generator). (0, 0): a logit bonus for the
+    # same position only. A scrolling scene moves tokens to neighbouring positions; a pointer learns
+    # which neighbour from the action quickly, where generating the moved token means learning it anew.
+    copy_window: tuple[int, int] = (0, 0)
+    # Sampling picks, per position, the code nearest the probability-weighted mean of the code vectors
+    # (a minimum-expected-distance choice) instead of the single likeliest code: a model unsure *which*
+    # moved code comes next, but sure that the patch moves, then moves it instead of repeating the
+    # likeliest single code (the old one). Needs the tokenizer's code vectors (use_codebook).
+    expected_code_decoding: bool = False
 
     @property
     def mask_id(self) -> int:
@@ -61,10 +72,16 @@ class DynamicsConfig:
 
 DYNAMICS_PRESETS = {
     # Greedy decoding: a minutes-old CPU model's samples are mostly noise at temperature 1 (+2 dB PSNR).
+    # Expected-code decoding and the pointer over neighbouring tokens: README, "Is it a world yet?".
     "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, context_frames=8,
-                           num_maskgit_steps=8, temperature=0.0),
+                           num_maskgit_steps=8, temperature=0.0, copy_window=(2, 1), expected_code_decoding=True),
     "coinrun": DynamicsConfig(),
 }
+
+
+# Cosine similarities to the expected code, scaled so MaskGIT's confidence (the softmax of these scores)
+# commits first where the expectation sits close to one code.
+EXPECTED_CODE_SHARPNESS = 50.0
 
 
 @dataclass
@@ -85,8 +102,22 @@ class DynamicsModel(nn.Module):
         self.transformer = STTransformer(config.transformer_config())
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.num_codes)
         self.head_bias = nn.Parameter(torch.zeros(config.num_codes)) if config.tie_embeddings else None
+        if config.expected_code_decoding:  # filled from the tokenizer by use_codebook, saved with the model
+            self.register_buffer("code_vectors", torch.zeros(config.num_codes, config.code_dim))
+        else:
+            self.code_vectors = None
+        pointer = config.copy_previous_token and config.copy_window != (0, 0)
         self.copy_logit = (nn.Parameter(torch.tensor(math.log(config.num_codes)))
-                           if config.copy_previous_token else None)
+                           if config.copy_previous_token and not pointer else None)
+        self.copy_offsets = _window_offsets(*config.copy_window) if pointer else None
+        self.copy_head = nn.Linear(config.d_model, len(self.copy_offsets) + 1) if pointer else None
+        if self.copy_head is not None:
+            # Starts near "copy the same position" (~1/2), "generate" (~1/5), each neighbour ~1/40.
+            nn.init.zeros_(self.copy_head.weight)
+            with torch.no_grad():
+                self.copy_head.bias.zero_()
+                self.copy_head.bias[self.copy_offsets.index((0, 0))] = 3.0
+                self.copy_head.bias[-1] = 2.0
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
                 previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,14 +126,39 @@ class DynamicsModel(nn.Module):
         previous_tokens [B, T, S]: each frame's predecessor's tokens for the copy bonus (mask_id: none);
         by default the input's own previous frames, and none for the first.
         """
-        logits = self._logits(tokens, actions, cache)
-        if self.copy_logit is None:
-            return logits
         if previous_tokens is None:
             previous_tokens = self._predecessors(tokens)
-        known = previous_tokens != self.config.mask_id
+        return self._output(self._hidden(tokens, actions, cache), previous_tokens, self._neighbours(previous_tokens))
+
+    def _output(self, hidden: torch.Tensor, previous: torch.Tensor, neighbours: torch.Tensor | None) -> torch.Tensor:
+        """Logits [..., V] from hidden states [..., D], given each position's predecessor token [...] and,
+        for the pointer, the predecessor's tokens around it [..., O]; any leading shape, so training
+        scores only the masked positions."""
+        logits = self._head(hidden)
+        if self.copy_head is not None:
+            return self._pointer_mixture(hidden, logits, previous, neighbours)
+        if self.copy_logit is None:
+            return logits
+        known = previous != self.config.mask_id
         bonus = (self.copy_logit * known).to(logits.dtype)
-        return logits.scatter_add(-1, previous_tokens.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
+        return logits.scatter_add(-1, previous.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
+
+    def _neighbours(self, previous_tokens: torch.Tensor) -> torch.Tensor | None:
+        """previous_tokens [B, T, S] -> the pointer's candidates [B, T, S, O] (None without a pointer)."""
+        if self.copy_offsets is None:
+            return None
+        return _shifted_tokens(previous_tokens, math.isqrt(self.config.tokens_per_frame), self.copy_offsets)
+
+    def use_codebook(self, code_vectors: torch.Tensor) -> None:
+        """The tokenizer's code vectors [num_codes, code_dim], as its decoder sees them."""
+        self.code_vectors.copy_(code_vectors.detach())
+
+    def sampling_logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
+                        previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """What sampling draws from: forward's logits, or with expected_code_decoding scores that rank
+        codes by closeness to the expected code vector (argmax: the nearest code)."""
+        logits = self(tokens, actions, cache, previous_tokens)
+        return logits if self.code_vectors is None else expected_code_scores(logits, self.code_vectors)
 
     def _predecessors(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, S] -> each frame's predecessor's tokens, mask_id (none) for the first frame."""
@@ -121,8 +177,18 @@ class DynamicsModel(nn.Module):
         x = self.transformer(x + self.position, cache=cache)
         return x[:, :, 1:] if self.config.action_as_token else x  # [B, T, S, D]
 
-    def _logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
-        x = self._hidden(tokens, actions, cache)
+    def _pointer_mixture(self, hidden: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor,
+                         neighbours: torch.Tensor) -> torch.Tensor:
+        """log p(token) = log(generate * softmax(logits) + sum over offsets of pointer(offset) * [token there])."""
+        known = (previous != self.config.mask_id)[..., None]
+        mix = self.copy_head(hidden).float().log_softmax(dim=-1)  # [..., O + 1], the last: generate
+        pointed = torch.zeros_like(logits, dtype=torch.float32).scatter_add(
+            -1, neighbours.clamp_max(self.config.num_codes - 1), mix[..., :-1].exp() * known)
+        generated = logits.float().log_softmax(dim=-1)
+        mixed = torch.logaddexp(mix[..., -1:] + generated, pointed.clamp_min(1e-30).log())
+        return torch.where(known, mixed, generated)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
             return self.head(x)
         return x @ self.token_embed.weight[:self.config.num_codes].T + self.head_bias
@@ -139,10 +205,37 @@ class DynamicsModel(nn.Module):
         inputs = torch.where(masked, self.config.mask_id, tokens)
         no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
         # As at play time, a frame's predecessor is known when the frame is predicted (clean, not masked).
-        logits = self(inputs, torch.cat([no_action, actions], dim=1), previous_tokens=self._predecessors(tokens))
-        loss = F.cross_entropy(logits[masked].float(), tokens[masked])
-        accuracy = (logits[masked].argmax(-1) == tokens[masked]).float().mean()
+        previous = self._predecessors(tokens)
+        neighbours = self._neighbours(previous)
+        hidden = self._hidden(inputs, torch.cat([no_action, actions], dim=1), None)
+        logits = self._output(hidden[masked], previous[masked], None if neighbours is None else neighbours[masked])
+        loss = F.cross_entropy(logits.float(), tokens[masked])
+        accuracy = (logits.argmax(-1) == tokens[masked]).float().mean()
         return DynamicsLoss(loss, accuracy)
+
+
+def expected_code_scores(logits: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] -> scores [..., V]: each code's cosine similarity to the probability-weighted mean
+    code vector (code_vectors [V, D]), scaled by EXPECTED_CODE_SHARPNESS."""
+    expected = F.normalize(logits.float().softmax(dim=-1) @ code_vectors, dim=-1)
+    return EXPECTED_CODE_SHARPNESS * expected @ F.normalize(code_vectors, dim=-1).T
+
+
+def _window_offsets(rows: int, columns: int) -> list[tuple[int, int]]:
+    return [(dr, dc) for dr in range(-rows, rows + 1) for dc in range(-columns, columns + 1)]
+
+
+def _shifted_tokens(tokens: torch.Tensor, grid: int, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """tokens [B, T, S] on a grid*grid frame -> [B, T, S, O]: for each position, the token at (row + dr,
+    column + dc) for every offset, clamped at the frame's edges."""
+    index = torch.arange(grid, device=tokens.device)
+    gathered = []
+    for dr, dc in offsets:
+        rows = (index + dr).clamp(0, grid - 1)
+        cols = (index + dc).clamp(0, grid - 1)
+        source = (rows[:, None] * grid + cols[None, :]).flatten()  # [S]
+        gathered.append(tokens[..., source])
+    return torch.stack(gathered, dim=-1)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

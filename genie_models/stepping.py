@@ -138,7 +138,7 @@ class DynamicsEngine:
                                 for r in requests]).to(self.device)
         view = self.sessions.view(slots)
         previous = self.last_tokens[slots][:, None]  # [B, 1, S]
-        tokens = maskgit_sample(lambda new: self.model(new[:, None], actions, view, previous)[:, 0],
+        tokens = maskgit_sample(lambda new: self.model.sampling_logits(new[:, None], actions, view, previous)[:, 0],
                                 self.config.mask_id, num_steps, temperature, uniforms)
         self.model.append(tokens[:, None], actions, view.committing())
         self.last_tokens[slots] = tokens

@@ -44,13 +44,15 @@ def config_from_dict(config_type: type, values: dict[str, Any]):
     unknown = set(values) - known
     if unknown:
         raise CheckpointError(f"unknown {config_type.__name__} fields in checkpoint: {sorted(unknown)}")
+    # JSON stores tuples as lists; frozen configs must stay hashable and compare equal to the presets.
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
     return config_type(**(_LEGACY_DEFAULTS.get(config_type, {}) | values))
 
 
 def dynamics_config_for(tokenizer: TokenizerConfig, lam: LAMConfig, base: DynamicsConfig) -> DynamicsConfig:
     """The dynamics model's vocabulary, frame size and action count follow the other two models."""
-    values = asdict(base) | {"num_codes": tokenizer.num_codes, "tokens_per_frame": tokenizer.tokens_per_frame,
-                             "num_actions": lam.num_actions}
+    values = asdict(base) | {"num_codes": tokenizer.num_codes, "code_dim": tokenizer.code_dim,
+                             "tokens_per_frame": tokenizer.tokens_per_frame, "num_actions": lam.num_actions}
     return DynamicsConfig(**values)
 
 

@@ -87,6 +87,8 @@ def train_dynamics(dataset: EpisodeDataset, tokenizer: VideoTokenizer, lam_confi
     tokenizer = tokenizer.to(env.device).eval().requires_grad_(False)
     lam = LatentActionModel(lam_config)
     dynamics = DynamicsModel(dynamics_config_for(tokenizer.config, lam_config, dynamics_config))
+    if dynamics.code_vectors is not None:
+        dynamics.use_codebook(tokenizer.vq.codes())
     world = WorldModel(tokenizer, lam, dynamics)
     if lam_first is not None:
         _train_phase("lam", LAMOnly(lam), {"lam": lam}, dataset, None, lam_first,

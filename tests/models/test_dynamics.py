@@ -1,5 +1,6 @@
 """The MaskGIT dynamics model: training signal, sampling, and KV-cached stepping equal to recomputation."""
 
+import pytest
 import torch
 
 from genie_models.dynamics import DynamicsModel, maskgit_sample, sample_tokens
@@ -44,7 +45,10 @@ def test_dynamics_overfits_a_token_sequence(dynamics_config):
     assert float(out.accuracy) > 0.9
 
 
-def test_cached_step_logits_match_full_context_recomputation(dynamics_config):
+@pytest.mark.parametrize("variant", [{}, {"copy_window": (2, 1), "expected_code_decoding": True}])
+def test_cached_step_logits_match_full_context_recomputation(dynamics_config, variant):
+    from dataclasses import replace
+    dynamics_config = replace(dynamics_config, **variant)
     model = DynamicsModel(dynamics_config).eval()
     history = torch.randint(0, 64, (1, 3, 16))
     history_actions = torch.tensor([[dynamics_config.no_action_id, 1, 2]])
@@ -100,3 +104,33 @@ def test_an_untrained_model_already_prefers_the_previous_frames_token(dynamics_c
     assert torch.equal(logits.argmax(-1), previous[:, 0])  # the copy bonus: "nothing changes" by default
     chance = logits.softmax(-1).gather(-1, previous[:, 0, :, None]).mean()
     assert 0.3 < float(chance) < 0.7  # even odds against the rest of the vocabulary, not a certainty
+
+
+def test_the_pointer_copy_is_a_distribution_that_can_point_at_a_neighbouring_position(dynamics_config):
+    from dataclasses import replace
+    config = replace(dynamics_config, copy_window=(1, 1))
+    model = DynamicsModel(config).eval()
+    previous = torch.randint(0, 64, (1, 1, 16))
+    tokens = torch.cat([previous, torch.full_like(previous, config.mask_id)], dim=1)
+    actions = torch.tensor([[config.no_action_id, 0]])
+    log_p = model(tokens, actions)[:, -1]  # [1, S, V]
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(1, 16))
+    assert torch.equal(log_p.argmax(-1), previous[:, 0])  # untrained: "nothing moved"
+    with torch.no_grad():  # all pointer weight on the position one row below
+        model.copy_head.bias.fill_(-50.0)
+        model.copy_head.bias[model.copy_offsets.index((1, 0))] = 50.0
+    grid = previous[0, 0].reshape(4, 4)
+    scrolled = torch.cat([grid[1:], grid[-1:]]).flatten()  # the last row is clamped at the edge
+    assert torch.equal(model(tokens, actions)[0, -1].argmax(-1), scrolled)
+
+
+def test_expected_code_decoding_picks_the_code_nearest_the_mean_not_the_likeliest_code():
+    from genie_models.dynamics import expected_code_scores
+    # Code 0 points one way; codes 1 and 2 almost the other way, close to each other.
+    codes = torch.tensor([[1.0, 0.0], [-0.6, 1.0], [-0.4, 1.0]])
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.3]))  # the likeliest single code is 0 ...
+    scores = expected_code_scores(logits, codes)
+    assert logits.argmax() == 0
+    assert scores.argmax() in (1, 2)  # ... but 60% of the mass says "that other direction"
+    confident = expected_code_scores(torch.log(torch.tensor([0.98, 0.01, 0.01])), codes)
+    assert confident.argmax() == 0
