@@ -38,10 +38,6 @@ def _average_gradient(param: torch.Tensor) -> None:
     param.grad.div_(dist.get_world_size())
 
 
-def is_sharded(modules: list[nn.Module]) -> bool:
-    return any(isinstance(p, DTensor) for module in modules for p in module.parameters())
-
-
 def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sharded tensors gathered whole (a collective: every rank calls it, in the same order)."""
     return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().contiguous()
