@@ -159,6 +159,7 @@ class RunCheckpoints:
     def resume(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, device: torch.device) -> int:
         """Load the latest checkpoint into modules and optimizer; returns the step to continue from (0 if none)."""
         path = latest_checkpoint(self.root)
+        _check_ranks_agree(self.root, int(path.name.split("-")[-1]) if path else 0, device)
         if path is None:
             return 0
         checkpoint = load_checkpoint(path, map_location=device)
@@ -168,6 +169,18 @@ class RunCheckpoints:
         load_optimizer_state(optimizer, shard_like(saved, optimizer_references(optimizer, saved)),
                              checkpoint.manifest.extra["optimizer"])
         return checkpoint.manifest.step
+
+
+def _check_ranks_agree(root: Path, step: int, device: torch.device) -> None:
+    """Every rank must resume from the same step: on several nodes, only rank 0's node holds the checkpoints
+    unless the run directory is shared storage (or filled from the store first, as the Kubernetes Job does)."""
+    if not dist.is_initialized():
+        return
+    steps = torch.tensor([step, -step], device=device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if int(steps[0]) != -int(steps[1]):
+        raise ValueError(f"{root}: the ranks see different latest checkpoints (steps {-int(steps[1])} to "
+                         f"{int(steps[0])}); on several nodes, put the run directory on storage every node shares")
 
 
 class Progress:

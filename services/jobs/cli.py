@@ -99,8 +99,15 @@ def _launch_k8s(args: argparse.Namespace) -> None:
     manifests = training_job(spec, args.job_id or uuid.uuid4().hex[:12], args.stage, cluster)
     if args.dry_run:
         print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
-    else:
+        return
+    from kubernetes.config import ConfigException
+
+    try:
         print("\n".join(submit(manifests, args.namespace)))
+    except ConfigException as error:
+        raise SystemExit(f"genie jobs launch-k8s: error: no cluster to submit to ({error}); give a kubeconfig "
+                         "(~/.kube/config or $KUBECONFIG) or run inside the cluster, or print the manifests "
+                         "with --dry-run") from None
 
 
 def _register_pod_stage(worker_sub: argparse._SubParsersAction) -> None:

@@ -23,10 +23,13 @@ from genie_models.checkpoints import load_checkpoint
 from genie_models.data.shards import EpisodeDataset, EpisodeWriter
 from genie_models.tokenizer import TOKENIZER_PRESETS, VideoTokenizer
 from genie_models.training.tokenizer import load_tokenizer
+from genie_models.world_model import WorldModel
 
 pytestmark = pytest.mark.slow
 
-SIZES = ("--preset", "tiny", "--batch-size", "4", "--clip-length", "1", "--device", "cpu")
+SIZES = ("--preset", "tiny", "--device", "cpu")
+TOKENIZER = ("--batch-size", "4", "--clip-length", "1")
+DYNAMICS = ("--batch-size", "2", "--clip-length", "2", "--lam-steps", "2")
 # |update(2 processes) - update(1 process)| / |update(1 process)| after 2 and 4 AdamW steps, an update being
 # the parameters minus their shared initial values. Measured 8e-11 to 1e-10 (DDP and FSDP): float rounding.
 # The same test with rank 1 drawing its own clips (a per-rank sampler seed) measured 2.7e-2.
@@ -49,13 +52,13 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def train_tokenizer(data: Path, run: Path, steps: int, processes: int, *flags: str) -> None:
-    """`genie train tokenizer` as a user runs it: alone, or under torchrun with N CPU processes."""
+def genie_train(stage: str, data: Path, run: Path, steps: int, processes: int, *flags: str) -> None:
+    """`genie train <stage>` as a user runs it: alone, or under torchrun with N CPU processes."""
     launcher = [sys.executable, "-m", "genie_models.cli"]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                     "-m", "genie_models.cli"]
-    command = launcher + ["train", "tokenizer", "--data", str(data), "--run-dir", str(run), "--steps", str(steps),
+    command = launcher + ["train", stage, "--data", str(data), "--run-dir", str(run), "--steps", str(steps),
                           *SIZES, *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
@@ -83,8 +86,8 @@ def relative_update_difference(run: Path, reference: Path, step: int) -> float:
 def one_process(data, tmp_path_factory) -> Path:
     """The reference: one process, 2 steps, then resumed to 4."""
     run = tmp_path_factory.mktemp("one") / "run"
-    train_tokenizer(data, run, 2, 1)
-    train_tokenizer(data, run, 4, 1)
+    genie_train("tokenizer", data, run, 2, 1, *TOKENIZER)
+    genie_train("tokenizer", data, run, 4, 1, *TOKENIZER)
     return run
 
 
@@ -92,8 +95,8 @@ def one_process(data, tmp_path_factory) -> Path:
 def test_two_processes_train_the_tokenizer_like_one_and_resume(data, one_process, tmp_path, sharding):
     run = tmp_path / "run"
     flag = "--fsdp" if sharding == "fsdp" else "--no-fsdp"
-    train_tokenizer(data, run, 2, 2, flag)
-    train_tokenizer(data, run, 4, 2, flag)  # resumes from step 2 (both runs do: same sampler stream)
+    genie_train("tokenizer", data, run, 2, 2, *TOKENIZER, flag)
+    genie_train("tokenizer", data, run, 4, 2, *TOKENIZER, flag)  # resumes from step 2, as the reference did
     assert sorted(path.name for path in run.iterdir()) == ["latest", "step-00000002", "step-00000004"]
     for step in (2, 4):
         difference = relative_update_difference(run, one_process, step)
@@ -107,3 +110,21 @@ def test_two_processes_train_the_tokenizer_like_one_and_resume(data, one_process
     assert all(optimizer[name].shape == reference[name].shape for name in optimizer)
     frames = torch.from_numpy(np.array(EpisodeDataset.open(data).frames(0)[:1]))[None]
     assert load_tokenizer(run).encode(frames).shape == (1, 1, 16, 16)  # loads whole in this single process
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_both_dynamics_phases_resume_and_export_a_world_one_process_loads(
+        data, one_process, tmp_path, sharding):
+    """LAM alone, then dynamics against the frozen LAM. Not compared with one process: the dynamics loss masks
+    tokens with each process's own random numbers, so the two runs draw different masks."""
+    run, world_dir = tmp_path / "world", tmp_path / "exported"
+    flags = (*DYNAMICS, "--tokenizer", str(one_process), "--fsdp" if sharding == "fsdp" else "--no-fsdp")
+    genie_train("dynamics", data, run, 2, 2, *flags)
+    genie_train("dynamics", data, run, 3, 2, *flags, "--world-out", str(world_dir))  # resumes both phases
+    assert sorted(path.name for path in (run / "lam").iterdir()) == ["latest", "step-00000002"]
+    assert checkpoint(run, 3).manifest.metrics["dynamics_loss"] > 0
+    world = WorldModel.load(world_dir)  # written once, whole, loads in this single process
+    final = WorldModel.load(run).dynamics.state_dict()
+    assert all(torch.equal(value, final[name]) for name, value in world.dynamics.state_dict().items())
+    prompt = torch.from_numpy(np.array(EpisodeDataset.open(data).frames(0)[:1]))[None]
+    assert world.tokenizer.encode(prompt).shape == (1, 1, 16, 16)
