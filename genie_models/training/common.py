@@ -103,7 +103,7 @@ def wrap_for_training(module: nn.Module, env: Distributed, fsdp: bool = False) -
     """module on its device in training mode; under torchrun, replicated (DDP) or block-sharded (FSDP)."""
     module.to(env.device).train()
     if env.world_size > 1 and fsdp:
-        return shard_blocks(module)
+        return shard_blocks(module, env.device)
     if env.world_size > 1:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

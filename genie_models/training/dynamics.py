@@ -112,6 +112,8 @@ def _train_phase(name: str, trained: torch.nn.Module, saved: dict[str, torch.nn.
     model = wrap_for_training(trained, env, config.fsdp)
     optimizer = make_optimizer([trained], config)
     start = checkpoints.resume(saved, optimizer, env.device)
+    if env.world_size > 1:  # each rank its own MaskGIT masks (the same seed would repeat one rank's on all)
+        torch.manual_seed(config.seed + start + 7919 * env.rank)
     sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + start,
                           shard=(env.rank, env.world_size))
     bar = make_progress(name, start, config.steps, config.batch_size * config.clip_length, progress and env.is_main)

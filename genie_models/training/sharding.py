@@ -15,16 +15,18 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from genie_models.st_transformer import STBlock
 
 
-def shard_blocks(module: nn.Module) -> nn.Module:
-    """Shard module's ST blocks in place (blocks sharded by an earlier phase are kept as they are)."""
+def shard_blocks(module: nn.Module, device: torch.device) -> nn.Module:
+    """Shard module's ST blocks in place over all ranks (blocks sharded by an earlier phase stay as they are)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, even on a GPU machine
     for block in [m for m in module.modules() if isinstance(m, STBlock) and not isinstance(m, FSDPModule)]:
-        fully_shard(block)
+        fully_shard(block, mesh=mesh)
     for param in module.parameters():
         if param.requires_grad and not isinstance(param, DTensor) and not getattr(param, "_replicated", False):
             param.register_post_accumulate_grad_hook(_average_gradient)
