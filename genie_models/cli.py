@@ -56,21 +56,30 @@ def _add_train(subparsers) -> None:
         parser.add_argument("--run", "--run-dir", type=Path, required=True, help="run directory for checkpoints")
         parser.add_argument("--preset", choices=PRESETS, default="tiny")
         parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-        parser.add_argument("--batch-size", type=int, default=None, help="override the preset's clips per step")
+        parser.add_argument("--batch-size", type=int, default=None,
+                            help="override the preset's clips per step (global: split over torchrun's processes)")
         parser.add_argument("--clip-length", type=int, default=None, help="override the preset's frames per clip")
-        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        parser.add_argument("--checkpoint-every", type=int, default=None, help="override the steps between checkpoints")
+        parser.add_argument("--seed", type=int, default=None, help="seed of initialisation and clip sampling")
+        parser.add_argument("--device", default=None,
+                            help="cpu, cuda (under torchrun: each process's own GPU), cuda:1; default: cuda if any")
+        parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                            help="under torchrun, shard the transformer blocks across processes (FSDP) instead of "
+                                 "replicating them (DDP); default: the preset's (on for coinrun)")
         if stage == "dynamics":
             parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer run or checkpoint dir")
             parser.add_argument("--world-out", type=Path, default=None, help="also export the world here")
             parser.add_argument("--lam-steps", type=int, default=None,
-                                help="override the steps of the LAM's own phase (presets that have one, e.g. tiny)")
+                                help="override the steps of the LAM's own phase (presets that have one, e.g. tiny; "
+                                     "0: co-train the LAM with dynamics)")
         parser.set_defaults(handler=_run_train_tokenizer if stage == "tokenizer" else _run_train_dynamics)
 
 
 def _training_config(preset, args):
-    """The preset's TrainConfig with the sizes given on the command line (--steps, --batch-size, --clip-length)."""
+    """The preset's TrainConfig with what the command line sets (--steps, --batch-size, --fsdp, ...)."""
     from dataclasses import replace
-    overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "clip_length")}
+    names = ("steps", "batch_size", "clip_length", "checkpoint_every", "seed", "fsdp")
+    overrides = {name: getattr(args, name) for name in names}
     return replace(preset, **{name: value for name, value in overrides.items() if value is not None})
 
 
@@ -89,15 +98,16 @@ def _run_train_dynamics(args) -> None:
     from genie_models.data import EpisodeDataset
     from genie_models.dynamics import DYNAMICS_PRESETS
     from genie_models.lam import LAM_PRESETS
+    from genie_models.training.common import is_main_process
     from genie_models.training.dynamics import DYNAMICS_TRAINING, LAM_FIRST, train_dynamics
     from genie_models.training.tokenizer import load_tokenizer
-    lam_first = LAM_FIRST[args.preset]
+    lam_first = None if args.lam_steps == 0 else LAM_FIRST[args.preset]
     if lam_first is not None:  # the sizes apply to the LAM's phase too; its steps have their own flag
         lam_first = replace(_training_config(lam_first, args), steps=args.lam_steps or lam_first.steps)
     run = train_dynamics(EpisodeDataset.open(args.data), load_tokenizer(args.tokenizer), LAM_PRESETS[args.preset],
                          DYNAMICS_PRESETS[args.preset], _training_config(DYNAMICS_TRAINING[args.preset], args),
                          args.run, args.device, lam_first=lam_first)
-    if args.world_out:
+    if args.world_out and is_main_process():  # one writer under torchrun
         run.world.save(args.world_out, step=args.steps or DYNAMICS_TRAINING[args.preset].steps, metrics=run.metrics)
     print(run.metrics)
 

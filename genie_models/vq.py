@@ -80,28 +80,44 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track_usage(self, ids: torch.Tensor, z: torch.Tensor) -> None:
-        self.window_counts += torch.bincount(ids.flatten(), minlength=self.num_codes).float()
+        counts = torch.bincount(ids.flatten(), minlength=self.num_codes).float()
+        if _distributed():
+            dist.all_reduce(counts)  # global counts: every rank (and a checkpoint) sees what one process would
+        self.window_counts += counts
         self.calls += 1
         if int(self.calls) % self.restart_every != 0:
             return
-        counts = self.window_counts.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)  # every rank must agree on which codes are dead
-        self.usage.copy_(counts / counts.sum())
+        self.usage.copy_(self.window_counts / self.window_counts.sum())
         self.window_counts.zero_()
         self._restart_dead_codes(z.reshape(-1, z.shape[-1]))
 
     @torch.no_grad()
     def _restart_dead_codes(self, samples: torch.Tensor) -> None:
-        """Move codes that (almost) nobody chose onto recent encoder outputs, where the data is."""
+        """Move codes that (almost) nobody chose onto recent encoder outputs, where the data is.
+
+        Under data parallelism the picks index the global batch (ranks hold equal, contiguous shares of it,
+        in rank order) with rank 0's random numbers, so N ranks restart exactly the codes one process would.
+        """
         dead = (self.usage < self.dead_code_threshold / self.num_codes).nonzero().flatten()
         if dead.numel() == 0:
             return
-        picks = torch.randint(0, samples.shape[0], (dead.numel(),), device=samples.device)
-        replacements = samples[picks] + 0.01 * torch.randn_like(samples[picks])
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(replacements, src=0)  # identical parameters on every rank
-        self.codebook.data[dead] = F.normalize(replacements, dim=-1).to(self.codebook.dtype)
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+        local = samples.shape[0]
+        picks = torch.randint(0, local * world_size, (dead.numel(),), device=samples.device)
+        noise = 0.01 * torch.randn(dead.numel(), samples.shape[1], device=samples.device, dtype=samples.dtype)
+        replacements = torch.zeros_like(noise)
+        if world_size > 1:
+            dist.broadcast(picks, src=0)
+            dist.broadcast(noise, src=0)
+        mine = picks // local == rank
+        replacements[mine] = samples[picks[mine] % local]
+        if world_size > 1:
+            dist.all_reduce(replacements)  # each pick comes from the one rank that holds it
+        self.codebook.data[dead] = F.normalize(replacements + noise, dim=-1).to(self.codebook.dtype)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def sticky_codes(similarity: torch.Tensor, margin: float) -> torch.Tensor:

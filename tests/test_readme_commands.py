@@ -152,9 +152,51 @@ def test_torchrun_line_trains_on_cpu_with_gloo(tmp_path, processes):
                      progress=False)
     [line] = re.findall(r"^torchrun --nproc-per-node N .*$", README.read_text(), flags=re.MULTILINE)
     result = run_line(line.replace(" N ", f" {processes} "), tmp_path, "--preset", "tiny", "--steps", "2",
-                      "--batch-size", "1", "--clip-length", "2", "--device", "cpu")
+                      "--batch-size", "2", "--clip-length", "2", "--device", "cpu")
     assert latest_checkpoint(tmp_path / "runs/tok").name == "step-00000002"
     assert result.stdout.count("'codes_used'") == processes  # every rank trained and reported
+
+
+@pytest.mark.slow
+def test_torchrun_two_node_line_trains_with_both_nodes_on_loopback(tmp_path):
+    """The README's multi-node line, run as two 'nodes' (node ranks 0 and 1) on this machine, one CPU process each,
+    sharing the run directory as the README asks."""
+    generate_coinrun(tmp_path / "data/coinrun", num_episodes=4, steps_per_episode=20, heldout_fraction=0.25, seed=0,
+                     progress=False)
+    [line] = re.findall(r"^torchrun --nnodes 2 .*$", README.read_text(), flags=re.MULTILINE)
+    line = line.replace("--nproc-per-node 8", "--nproc-per-node 1").replace("HOST", "127.0.0.1")
+    line = line.replace("--master-port 29500", f"--master-port {free_port()}")
+    size = " --preset tiny --steps 2 --batch-size 2 --clip-length 2 --device cpu"
+    environment = os.environ | {"PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+    nodes = [subprocess.Popen(["bash", "-c", line.replace(" R ", f" {rank} ") + size], cwd=tmp_path, env=environment,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert latest_checkpoint(tmp_path / "runs/tok").name == "step-00000002"
+    assert all("'codes_used'" in stdout for stdout, _ in outputs)  # each node's rank trained and reported
+
+
+# --- "Deploying": training across nodes on Kubernetes ------------------------------------------------------------
+
+def test_readme_launch_k8s_lines_print_valid_manifests_and_submit_needs_a_cluster(tmp_path):
+    """The dry-run line writes manifests that validate; the --submit lines, with no kubeconfig here, say so."""
+    import kubernetes_validate
+    import yaml
+
+    lines = re.findall(r"^genie jobs launch-k8s .*$", README.read_text(), flags=re.MULTILINE)
+    assert len(lines) == 3 and lines[0].endswith("> tokenizer.yaml")
+    run_line(lines[0], tmp_path)
+    manifests = list(yaml.safe_load_all((tmp_path / "tokenizer.yaml").read_text()))
+    assert [item["kind"] for item in manifests] == ["Service", "Job"]
+    assert manifests[1]["metadata"]["name"] == "genie-tokenizer-platformer-1"  # the README's `kubectl logs` line
+    for item in manifests:
+        kubernetes_validate.validate(item, "1.30.0", strict=True)
+    for line in lines[1:]:
+        environment = os.environ | {"HOME": str(tmp_path), "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+        environment.pop("KUBECONFIG", None)
+        result = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                env=environment)
+        assert result.returncode == 1 and "no cluster to submit to" in result.stderr, result.stderr[-2000:]
 
 
 # --- `genie play` ------------------------------------------------------------------------------------------------

@@ -26,11 +26,17 @@ class ClipBatch:
 
 
 class ClipSampler:
-    """Draws uniformly over every valid clip of a split: episodes weighted by their number of starts."""
+    """Draws uniformly over every valid clip of a split: episodes weighted by their number of starts.
 
-    def __init__(self, dataset: EpisodeDataset, split: str, clip_length: int, seed: int = 0) -> None:
+    With shard=(rank, world_size) every rank draws the same global batch from the same seed and gathers only
+    its contiguous share of rows, so N data-parallel ranks train on exactly the batch one process would.
+    """
+
+    def __init__(self, dataset: EpisodeDataset, split: str, clip_length: int, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
+        self.rank, self.world_size = shard
         self.dataset = dataset
         self.split = split
         self.clip_length = clip_length
@@ -58,9 +64,15 @@ class ClipSampler:
         return batch.frames, batch.actions
 
     def sample_batch(self, batch_size: int, with_actions: bool = False) -> ClipBatch:
-        """Random clips with the episodes and start frames they came from."""
+        """Random clips with the episodes and start frames they came from: this rank's share of a global
+        batch of batch_size clips."""
+        if batch_size % self.world_size:
+            raise ValueError(f"a batch of {batch_size} clips does not split evenly over {self.world_size} ranks; "
+                             f"use a multiple of {self.world_size}")
         choice = self._rng.choice(len(self.episode_indices), size=batch_size, p=self.episode_probabilities)
         starts = self._rng.integers(0, self._starts_per_episode[choice])
+        mine = slice(self.rank * batch_size // self.world_size, (self.rank + 1) * batch_size // self.world_size)
+        choice, starts = choice[mine], starts[mine]
         return gather_clips(self.dataset, self.episode_indices[choice], starts, self.clip_length, with_actions)
 
 

@@ -18,15 +18,16 @@ from genie_models.data import ClipSampler, EpisodeDataset
 from genie_models.dynamics import DynamicsConfig, DynamicsModel
 from genie_models.lam import LAMConfig, LatentActionModel
 from genie_models.tokenizer import VideoTokenizer
-from genie_models.training.common import (Distributed, Progress, RunCheckpoints, TrainConfig, autocast,
-                                          make_optimizer, optimizer_step, setup_distributed, wrap_for_training)
+from genie_models.training.common import (Distributed, Progress, ProgressFactory, RunCheckpoints, TrainConfig,
+                                          autocast, make_optimizer, optimizer_step, setup_distributed,
+                                          wrap_for_training)
 from genie_models.world_model import WORLD_KIND, WorldModel, dynamics_config_for
 
 DYNAMICS_TRAINING = {
     "tiny": TrainConfig(steps=250, batch_size=6, clip_length=8, learning_rate=1e-3, warmup_steps=25,
                         final_learning_rate=1e-4, checkpoint_every=125),
     "coinrun": TrainConfig(steps=200_000, batch_size=36, clip_length=16, learning_rate=3e-5, warmup_steps=5_000,
-                           final_learning_rate=3e-6, checkpoint_every=5_000),
+                           final_learning_rate=3e-6, checkpoint_every=5_000, fsdp=True),
 }
 
 
@@ -79,7 +80,7 @@ class DynamicsRun:
 def train_dynamics(dataset: EpisodeDataset, tokenizer: VideoTokenizer, lam_config: LAMConfig,
                    dynamics_config: DynamicsConfig, config: TrainConfig, run_dir: Path,
                    device: str | None = None, progress: bool = True,
-                   lam_first: TrainConfig | None = None) -> DynamicsRun:
+                   lam_first: TrainConfig | None = None, make_progress: ProgressFactory = Progress) -> DynamicsRun:
     """Train LAM + dynamics; with lam_first, the LAM trains alone first (checkpoints in run_dir/lam),
     then dynamics trains against it frozen. Every phase resumes from its latest checkpoint."""
     env = setup_distributed(device)
@@ -93,26 +94,31 @@ def train_dynamics(dataset: EpisodeDataset, tokenizer: VideoTokenizer, lam_confi
     if lam_first is not None:
         _train_phase("lam", LAMOnly(lam), {"lam": lam}, dataset, None, lam_first,
                      RunCheckpoints(Path(run_dir) / "lam", LAM_KIND), {"lam": asdict(lam_config), "training": asdict(lam_first)},
-                     env, progress)
+                     env, progress, make_progress)
         lam.eval().requires_grad_(False)
     pair = CoTrained(lam, dynamics, train_lam=lam_first is None)
     named = {"tokenizer": tokenizer, "lam": lam, "dynamics": dynamics}
     metrics = _train_phase("lam+dynamics" if lam_first is None else "dynamics", pair, named, dataset, tokenizer,
                            config, RunCheckpoints(run_dir, WORLD_KIND), world.configs() | {"training": asdict(config)},
-                           env, progress)
+                           env, progress, make_progress)
+    if config.fsdp and env.world_size > 1:  # every rank gets the whole world, from the final checkpoint
+        world = WorldModel.load(run_dir, str(env.device))
     return DynamicsRun(world.eval(), metrics)
 
 
 def _train_phase(name: str, trained: torch.nn.Module, saved: dict[str, torch.nn.Module], dataset: EpisodeDataset,
                  tokenizer: VideoTokenizer | None, config: TrainConfig, checkpoints: RunCheckpoints,
-                 manifest_config: dict, env: Distributed, progress: bool) -> dict[str, float]:
+                 manifest_config: dict, env: Distributed, progress: bool,
+                 make_progress: ProgressFactory = Progress) -> dict[str, float]:
     """One resumable training loop over clips: `trained(frames, tokens)` returns its losses."""
-    model = wrap_for_training(trained, env)
+    model = wrap_for_training(trained, env, config.fsdp)
     optimizer = make_optimizer([trained], config)
     start = checkpoints.resume(saved, optimizer, env.device)
-    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + env.rank + start)
-    bar = Progress(name, start, config.steps, config.batch_size * config.clip_length * env.world_size,
-                   progress and env.is_main)
+    if env.world_size > 1:  # each rank its own MaskGIT masks (the same seed would repeat one rank's on all)
+        torch.manual_seed(config.seed + start + 7919 * env.rank)
+    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + start,
+                          shard=(env.rank, env.world_size))
+    bar = make_progress(name, start, config.steps, config.batch_size * config.clip_length, progress and env.is_main)
     lam = getattr(trained, "lam", None)
     metrics: dict[str, float] = {}
     for step in range(start, config.steps):
@@ -124,8 +130,9 @@ def _train_phase(name: str, trained: torch.nn.Module, saved: dict[str, torch.nn.
         metrics = {key: value.item() for key, value in out.items()}
         if lam is not None:
             metrics["actions_used"] = lam.vq.usage_fraction()
+        metrics = env.mean(metrics)
         metrics["frames_per_second"] = bar.update(metrics)
-        if env.is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpoints.save(saved, optimizer, step + 1, manifest_config, metrics)
     bar.close()
     return metrics

@@ -13,8 +13,8 @@ from genie_models.metrics import psnr
 from genie_models.patches import to_unit_range
 from genie_models.tokenizer import TokenizerConfig, VideoTokenizer
 from genie_models.world_model import config_from_dict, resolve_checkpoint
-from genie_models.training.common import (Progress, RunCheckpoints, TrainConfig, autocast, make_optimizer,
-                                          optimizer_step, setup_distributed, wrap_for_training)
+from genie_models.training.common import (Progress, ProgressFactory, RunCheckpoints, TrainConfig, autocast,
+                                          make_optimizer, optimizer_step, setup_distributed, wrap_for_training)
 
 TOKENIZER_KIND = "genie-tokenizer"
 
@@ -22,7 +22,7 @@ TOKENIZER_TRAINING = {
     "tiny": TrainConfig(steps=900, batch_size=16, clip_length=1, learning_rate=1e-3, warmup_steps=50,
                         final_learning_rate=1e-4, checkpoint_every=300),
     "coinrun": TrainConfig(steps=300_000, batch_size=48, clip_length=16, learning_rate=3e-4, warmup_steps=10_000,
-                           checkpoint_every=5_000),
+                           checkpoint_every=5_000, fsdp=True),
 }
 
 
@@ -33,17 +33,19 @@ class TokenizerRun:
 
 
 def train_tokenizer(dataset: EpisodeDataset, model_config: TokenizerConfig, config: TrainConfig,
-                    run_dir: Path, device: str | None = None, progress: bool = True) -> TokenizerRun:
+                    run_dir: Path, device: str | None = None, progress: bool = True,
+                    make_progress: ProgressFactory = Progress) -> TokenizerRun:
     env = setup_distributed(device)
     torch.manual_seed(config.seed)
     tokenizer = VideoTokenizer(model_config)
-    model = wrap_for_training(tokenizer, env)
+    model = wrap_for_training(tokenizer, env, config.fsdp)
     optimizer = make_optimizer([tokenizer], config)
     checkpoints = RunCheckpoints(run_dir, TOKENIZER_KIND)
     start = checkpoints.resume({"tokenizer": tokenizer}, optimizer, env.device)
-    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + env.rank + start)
-    bar = Progress("tokenizer", start, config.steps, config.batch_size * config.clip_length * env.world_size,
-                   progress and env.is_main)
+    sampler = ClipSampler(dataset, "train", config.clip_length, seed=config.seed + start,
+                          shard=(env.rank, env.world_size))
+    bar = make_progress("tokenizer", start, config.steps, config.batch_size * config.clip_length,
+                        progress and env.is_main)
     metrics: dict[str, float] = {}
     for step in range(start, config.steps):
         frames = sampler.sample(config.batch_size).to(env.device, non_blocking=True)
@@ -53,11 +55,14 @@ def train_tokenizer(dataset: EpisodeDataset, model_config: TokenizerConfig, conf
         metrics = {"loss": out.loss.item(),
                    "psnr": float(psnr(out.reconstruction.detach().float().clamp(0, 1), to_unit_range(frames)).mean()),
                    "codes_used": tokenizer.vq.usage_fraction()}
+        metrics = env.mean(metrics)
         metrics["frames_per_second"] = bar.update(metrics)
-        if env.is_main and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpoints.save({"tokenizer": tokenizer}, optimizer, step + 1,
                              {"tokenizer": asdict(model_config), "training": asdict(config)}, metrics)
     bar.close()
+    if config.fsdp and env.world_size > 1:  # every rank gets the whole model, from the final checkpoint
+        tokenizer = load_tokenizer(run_dir, str(env.device))
     return TokenizerRun(tokenizer.eval(), metrics)
 
 

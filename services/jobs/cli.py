@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubPar
     worker = subparsers.add_parser("worker", help="a training worker (Celery; GENIE_WORKER_*, GENIE_STORE_*)")
     worker.add_argument("--concurrency", type=int, help="stages at once (overrides GENIE_WORKER_CONCURRENCY)")
     worker.set_defaults(handler=_worker)
+    _register_pod_stage(worker.add_subparsers(dest="worker_command"))
 
     jobs = subparsers.add_parser("jobs", help="submit and follow training jobs")
     jobs.add_argument("--address", default=DEFAULT_ADDRESS, help="job service host:port")
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubPar
     listing = jobs_sub.add_parser("list", help="recent jobs, newest first")
     listing.add_argument("--limit", type=int, default=20)
     listing.set_defaults(handler=_list)
+    _register_launch_k8s(jobs_sub)
 
     datasets = subparsers.add_parser("datasets", help="video datasets in the store (GENIE_STORE_*)")
     datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
@@ -55,6 +57,94 @@ def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubPar
     delete = models_sub.add_parser("delete", help="delete one version: NAME@VERSION")
     delete.add_argument("ref")
     delete.set_defaults(handler=_models_delete)
+
+
+def _register_launch_k8s(jobs_sub: argparse._SubParsersAction) -> None:
+    launch = jobs_sub.add_parser(
+        "launch-k8s", help="run a job's training stage on Kubernetes: an indexed Job of torchrun nodes",
+        description="Prints the manifests (a headless Service and an indexed Job) of one training stage of a job, "
+                    "or creates them with --submit (kubeconfig or in-cluster credentials). Run the tokenizer stage, "
+                    "then the dynamics stage with the same --job-id.")
+    launch.add_argument("--dataset", required=True, help="dataset name in the store")
+    launch.add_argument("--preset", default="coinrun", help="tiny or coinrun")
+    launch.add_argument("--model-name", default="")
+    launch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
+    launch.add_argument("--stage", choices=("tokenizer", "dynamics"), default="tokenizer")
+    launch.add_argument("--job-id", default=None, help="the job's id (default: a new one); its files in the store")
+    launch.add_argument("--image", required=True, help="the worker image (deploy/docker/worker.Dockerfile)")
+    launch.add_argument("--nodes", type=int, default=2, help="pods, one per node")
+    launch.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (= processes) per pod; 0: CPU")
+    launch.add_argument("--cpu-processes-per-node", type=int, default=1, help="processes per pod without GPUs")
+    launch.add_argument("--namespace", default="genie")
+    launch.add_argument("--submit", dest="dry_run", action="store_false",
+                        help="create the objects in the cluster (default: --dry-run, print them as YAML)")
+    launch.add_argument("--dry-run", dest="dry_run", action="store_true", default=True)
+    launch.set_defaults(handler=_launch_k8s)
+
+
+def _launch_k8s(args: argparse.Namespace) -> None:
+    import uuid
+
+    import yaml
+
+    from services.jobs.spec import InvalidJob, parse
+    from services.worker.k8s_job import Cluster, submit, training_job
+
+    try:
+        spec = parse(args.dataset, args.preset, _pairs(args.set), args.model_name)
+    except InvalidJob as error:
+        raise SystemExit(f"genie jobs launch-k8s: error: {error}") from None
+    cluster = Cluster(image=args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      cpu_processes_per_node=args.cpu_processes_per_node, namespace=args.namespace)
+    manifests = training_job(spec, args.job_id or uuid.uuid4().hex[:12], args.stage, cluster)
+    if args.dry_run:
+        print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
+        return
+    from kubernetes.config import ConfigException
+
+    try:
+        print("\n".join(submit(manifests, args.namespace)))
+    except ConfigException as error:
+        raise SystemExit(f"genie jobs launch-k8s: error: no cluster to submit to ({error}); give a kubeconfig "
+                         "(~/.kube/config or $KUBECONFIG) or run inside the cluster, or print the manifests "
+                         "with --dry-run") from None
+
+
+def _register_pod_stage(worker_sub: argparse._SubParsersAction) -> None:
+    for name, text in (("stage-in", "pull a job's data and checkpoints into a pod (the launch-k8s init container)"),
+                       ("stage-out", "push new checkpoints until SIGTERM (the launch-k8s sidecar)")):
+        command = worker_sub.add_parser(name, help=text)
+        command.add_argument("--job-id", required=True)
+        command.add_argument("--stage", choices=("tokenizer", "dynamics"), required=True)
+        command.add_argument("--dir", type=Path, required=True, help="the pod's scratch directory for the job")
+        if name == "stage-in":
+            command.add_argument("--dataset", required=True)
+            command.add_argument("--preset", required=True)
+            command.add_argument("--seed", type=int, default=0)
+        command.set_defaults(handler=_pod_stage)
+
+
+def _pod_stage(args: argparse.Namespace) -> None:
+    from services.logs import configure_logging
+    from services.settings import StoreSettings, WorkerSettings
+    from services.stores.base import open_store
+    from services.worker.pod_stage import stage_in, stage_out
+
+    settings = WorkerSettings()
+    configure_logging(settings.log_level)
+    store = open_store(StoreSettings())
+    if args.worker_command == "stage-in":
+        stage_in(store, args.job_id, args.dataset, args.preset, args.stage, args.dir, args.seed,
+                 settings.keep_checkpoints)
+    else:
+        stage_out(store, args.job_id, args.stage, args.dir, keep=settings.keep_checkpoints)
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--set takes KEY=VALUE, got {items}")
+    return dict(pairs)
 
 
 def _serve_jobs(args: argparse.Namespace) -> None:
@@ -108,13 +198,11 @@ def _rpc(function, *args):
 def _submit(args: argparse.Namespace) -> None:
     from genie.v1 import jobs_pb2 as pb
 
-    pairs = [item.split("=", 1) for item in args.set]
-    if any(len(pair) != 2 for pair in pairs):
-        raise SystemExit(f"--set takes KEY=VALUE, got {args.set}")
+    overrides = _pairs(args.set)
     channel, stub = _stub(args.address)
     with channel:
         job = _rpc(stub.SubmitJob, pb.SubmitJobRequest(dataset=args.dataset, preset=args.preset,
-                                                       model_name=args.model_name, overrides=dict(pairs)))
+                                                       model_name=args.model_name, overrides=overrides))
         print(job.job_id, flush=True)
         if args.watch:
             _follow(stub, job.job_id)

@@ -38,6 +38,15 @@ class JobSpec:
 
 def validate(store: ObjectStore, dataset: str, preset: str, overrides: dict[str, str], model_name: str) -> JobSpec:
     """Check every field (the dataset against the store) and return the typed spec."""
+    spec = parse(dataset, preset, overrides, model_name)
+    if not dataset_videos(store, dataset):
+        raise InvalidJob(f"dataset {dataset!r} has no videos in the {store.description}; upload a folder with "
+                         f"`genie datasets upload DIR --name {dataset}` (or put videos under datasets/{dataset}/)")
+    return spec
+
+
+def parse(dataset: str, preset: str, overrides: dict[str, str], model_name: str) -> JobSpec:
+    """Check every field but the dataset's presence in the store and return the typed spec."""
     if preset not in PRESETS:
         raise InvalidJob(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     parsed: dict[str, int] = {}
@@ -60,7 +69,4 @@ def validate(store: ObjectStore, dataset: str, preset: str, overrides: dict[str,
         check_model_name(model_name)
     except ValueError as error:
         raise InvalidJob(str(error)) from None
-    if not dataset_videos(store, dataset):
-        raise InvalidJob(f"dataset {dataset!r} has no videos in the {store.description}; upload a folder with "
-                         f"`genie datasets upload DIR --name {dataset}` (or put videos under datasets/{dataset}/)")
     return JobSpec(dataset, preset, model_name, parsed)

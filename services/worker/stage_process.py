@@ -12,19 +12,19 @@ import sys
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from genie_models.training import common as training_common
 
 
 class FileProgress(training_common.Progress):
-    """The training loops' progress bar, also written to a JSON file (hook: genie_models has no callback yet)."""
+    """The training loops' progress, written to a JSON file for the worker (no bar: nobody watches the log);
+    only by the reporting rank (enabled). The training functions take `partial(FileProgress, path)`."""
 
-    path: Path | None = None
-
-    def __init__(self, stage: str, start: int, total: int, frames_per_step: int, enabled: bool):
+    def __init__(self, path: Path, stage: str, start: int, total: int, frames_per_step: int, enabled: bool):
         super().__init__(stage, start, total, frames_per_step, enabled=False)
-        self.start, self.total, self.last_write = start, total, 0.0
+        self.path, self.enabled, self.start, self.total, self.last_write = path, enabled, start, total, 0.0
         self._write({"step": start, "total_steps": total, "resumed_from_step": start, "metrics": {}})
 
     def update(self, metrics: dict[str, float]) -> float:
@@ -40,6 +40,8 @@ class FileProgress(training_common.Progress):
         return frames_per_second
 
     def _write(self, state: dict) -> None:
+        if not self.enabled:
+            return
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
         os.replace(temporary, self.path)
@@ -56,8 +58,7 @@ def run(spec: dict) -> None:
     from genie_models.training import tokenizer as tokenizer_training
 
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
-    FileProgress.path = Path(spec["progress_file"])
-    tokenizer_training.Progress = dynamics_training.Progress = FileProgress
+    make_progress = partial(FileProgress, Path(spec["progress_file"]))
     preset, overrides, stage = spec["preset"], spec["overrides"], spec["stage"]
     if stage == "data":
         ingest_video_folder(spec["videos_dir"], spec["data_dir"], frame_size=TOKENIZER_PRESETS[preset].image_size,
@@ -67,7 +68,7 @@ def run(spec: dict) -> None:
     if stage == "tokenizer":
         config = training_config(tokenizer_training.TOKENIZER_TRAINING[preset], overrides, "tokenizer_steps")
         tokenizer_training.train_tokenizer(dataset, TOKENIZER_PRESETS[preset], config, Path(spec["tokenizer_run"]),
-                                           spec.get("device"), progress=False)
+                                           spec.get("device"), make_progress=make_progress)
     elif stage == "dynamics":
         config = training_config(dynamics_training.DYNAMICS_TRAINING[preset], overrides, "dynamics_steps")
         lam_first = dynamics_training.LAM_FIRST.get(preset)
@@ -77,8 +78,8 @@ def run(spec: dict) -> None:
             lam_first = training_config(lam_first, overrides, "lam_steps")
         tokenizer = tokenizer_training.load_tokenizer(Path(spec["tokenizer_run"]))
         dynamics_training.train_dynamics(dataset, tokenizer, LAM_PRESETS[preset], DYNAMICS_PRESETS[preset], config,
-                                         Path(spec["dynamics_run"]), spec.get("device"), progress=False,
-                                         lam_first=lam_first)
+                                         Path(spec["dynamics_run"]), spec.get("device"), lam_first=lam_first,
+                                         make_progress=make_progress)
     elif stage == "eval":
         evaluate(spec, dataset, overrides)
     else:

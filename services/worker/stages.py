@@ -55,6 +55,13 @@ def store_prefix(job_id: str, part: str) -> str:
     return f"jobs/{job_id}/{part}"
 
 
+def run_sync(store: ObjectStore, job_id: str, run: str, paths: JobPaths, keep: int) -> RunSync:
+    """The store mirror of one run of a job: tokenizer, dynamics, or dynamics-lam (the LAM-alone phase)."""
+    local = {"tokenizer": paths.tokenizer_run, "dynamics": paths.dynamics_run,
+             "dynamics-lam": paths.dynamics_run / "lam"}
+    return RunSync(store, local[run], store_prefix(job_id, f"runs/{run}"), keep)
+
+
 class StageRunner:
     def __init__(self, settings: WorkerSettings, store: ObjectStore, records: JobRecords, metrics: WorkerMetrics):
         self.settings, self.store, self.records, self.metrics = settings, store, records, metrics
@@ -67,14 +74,14 @@ class StageRunner:
         if stage == "publish":
             return self._publish(job, paths)
         self._ensure_data(job, paths)
-        tokenizer = self._sync(job, "tokenizer", paths.tokenizer_run)
-        dynamics = self._sync(job, "dynamics", paths.dynamics_run)
+        tokenizer = self._sync(job, "tokenizer", paths)
+        dynamics = self._sync(job, "dynamics", paths)
         if stage == "tokenizer":
             tokenizer.pull()
             return self._process(job, stage, paths, [tokenizer], lease_lost)
         if stage == "dynamics":
             self._require(tokenizer)
-            lam = self._sync(job, "dynamics-lam", paths.dynamics_run / "lam")  # the LAM-alone phase, if any
+            lam = self._sync(job, "dynamics-lam", paths)  # the LAM-alone phase, if any
             lam.pull()
             dynamics.pull()
             return self._process(job, stage, paths, [lam, dynamics], lease_lost)
@@ -101,8 +108,8 @@ class StageRunner:
             put_tree(self.store, paths.data, store_prefix(job.job_id, "data"), last="index.json")
         return outcome
 
-    def _sync(self, job: JobRecord, stage: str, root: Path) -> RunSync:
-        return RunSync(self.store, root, store_prefix(job.job_id, f"runs/{stage}"), self.settings.keep_checkpoints)
+    def _sync(self, job: JobRecord, run: str, paths: JobPaths) -> RunSync:
+        return run_sync(self.store, job.job_id, run, paths, self.settings.keep_checkpoints)
 
     def _ensure_data(self, job: JobRecord, paths: JobPaths) -> None:
         if not (paths.data / "index.json").is_file():

@@ -79,6 +79,15 @@ def test_same_seed_gives_the_same_clips(dataset: EpisodeDataset) -> None:
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
+def test_ranks_of_a_sharded_sampler_together_draw_the_single_process_batch(dataset: EpisodeDataset) -> None:
+    whole = ClipSampler(dataset, "train", CLIP, seed=6)
+    ranks = [ClipSampler(dataset, "train", CLIP, seed=6, shard=(rank, 3)) for rank in range(3)]
+    for _ in range(2):  # the streams stay aligned from batch to batch
+        assert torch.equal(torch.cat([sampler.sample(6) for sampler in ranks]), whole.sample(6))
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        ranks[0].sample(4)
+
+
 def test_clips_longer_than_every_episode_raise(dataset: EpisodeDataset) -> None:
     with pytest.raises(DatasetError, match="no 'heldout' episode has 21 frames"):
         ClipSampler(dataset, "heldout", 21, seed=0)

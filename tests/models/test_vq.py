@@ -45,3 +45,41 @@ def test_sticky_codes_keep_a_previous_code_only_within_the_margin():
     similarity = torch.tensor([[[[0.9, 0.1, 0.2]], [[0.80, 0.0, 0.81]], [[0.5, 0.8, 0.0]]]])
     assert sticky_codes(similarity, margin=0.02).flatten().tolist() == [0, 0, 1]
     assert sticky_codes(similarity, margin=0.0).flatten().tolist() == [0, 2, 1]  # plain nearest codes
+
+
+def _restart_on_two_ranks(rank: int, port: int, batch: torch.Tensor, results) -> None:
+    """Rank `rank` of a 2-process gloo group: one training call on its half of batch, restarting dead codes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(num_codes=32, code_dim=4, restart_every=1)
+        torch.manual_seed(1)  # different random numbers per rank after init: rank 0's must be the ones used
+        torch.rand(rank + 1)
+        vq(batch.chunk(2)[rank])
+        results[rank] = (vq.codebook.detach().clone(), vq.usage.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_code_restarts_on_two_ranks_equal_one_process_on_the_whole_batch():
+    """Counts are global and restarts draw from the global batch with rank 0's random numbers."""
+    import torch.multiprocessing as mp
+
+    from tests.services.helpers import free_port
+
+    batch = torch.randn(2, 40, 4) * torch.tensor([0.1, 1, 1, 1])
+    torch.manual_seed(0)
+    alone = VectorQuantizer(num_codes=32, code_dim=4, restart_every=1)
+    torch.manual_seed(1)
+    torch.rand(1)  # as rank 0 does
+    alone(batch.flatten(0, 1))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_restart_on_two_ranks, args=(free_port(), batch.flatten(0, 1), results), nprocs=2)
+        (codes_0, usage_0), (codes_1, usage_1) = results[0], results[1]
+    assert (alone.usage < alone.dead_code_threshold / 32).sum() > 0  # some codes were restarted
+    torch.testing.assert_close(usage_0, alone.usage)
+    torch.testing.assert_close(codes_0, alone.codebook.detach())
+    assert torch.equal(codes_0, codes_1) and torch.equal(usage_0, usage_1)
