@@ -63,12 +63,17 @@ class VersionHost:
 
     def load(self, version: int, holder: str) -> None:
         if version not in self.bound:
-            names = []
-            for binding in self.load_bindings(version):
-                name = protocol.versioned(binding.name, version)
-                self.triton.bind(model_name=name, infer_func=binding.infer, inputs=binding.inputs,
-                                 outputs=binding.outputs, config=binding.config, strict=True)
-                names.append(name)
+            names: list[str] = []
+            try:
+                for binding in self.load_bindings(version):
+                    name = protocol.versioned(binding.name, version)
+                    self.triton.bind(model_name=name, infer_func=binding.infer, inputs=binding.inputs,
+                                     outputs=binding.outputs, config=binding.config, strict=True)
+                    names.append(name)
+            except BaseException:  # all or nothing, so a retried load binds the same names again
+                for name in names:
+                    unbind(self.triton, name)
+                raise
             self.bound[version] = names
             logger.info("%s service loaded version %d", self.kind, version)
         self.holders.setdefault(version, set()).add(holder)

@@ -128,6 +128,8 @@ def publish_while_worlds_play(port: int, metrics_port: int, catalog: ModelCatalo
     channel = open_channel(port)
     stub = world_pb2_grpc.WorldServiceStub(channel)
     with contextlib.closing(channel):
+        wait_for(lambda: MODEL_NAME in [model.name for model in stub.ListModels(pb.ListModelsRequest()).models],
+                 "version 1 loaded", timeout_s=120)
         model = listed(stub)
         assert (list(model.versions), model.latest_version, list(model.loaded_versions)) == ([1], 1, [1])
 
