@@ -147,7 +147,7 @@ def publish_while_worlds_play(port: int, metrics_port: int, catalog: ModelCatalo
 
         catalog.publish(MODEL_NAME, checkpoints[2])
         took = wait_for(lambda: listed(stub).latest_version == 2, "version 2 served to new worlds")
-        assert took < 3 * POLL_S + 10, took
+        assert took < 30, f"version 2 reached new worlds only after {took:.1f} s"
         assert list(listed(stub).loaded_versions) == [1, 2] and backend_has(1) and backend_has(2)
         assert loaded_metric(1) in metric_lines(metrics_port) and loaded_metric(2) in metric_lines(metrics_port)
 
