@@ -125,7 +125,8 @@ class TritonBackend:
         command = {"command": np.array([protocol.control_command(action, version, self._holder)], dtype=object)}
 
         def send(client: ServiceClient) -> list[int]:
-            return json.loads(client.infer(protocol.CONTROL, command).as_numpy("loaded").reshape(-1)[0])["loaded"]
+            answer = client.infer(protocol.CONTROL, command, timeout_s=protocol.CONTROL_TIMEOUT_S)
+            return json.loads(answer.as_numpy("loaded").reshape(-1)[0])["loaded"]
 
         with ThreadPoolExecutor(len(clients)) as pool:
             list(pool.map(send, clients.values()))

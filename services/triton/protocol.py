@@ -29,6 +29,7 @@ DYNAMICS_END = "dynamics_end"
 # {"action": "load" | "unload", "version": N, "holder": GATEWAY_ID} -> {"loaded": [versions]}. A version stays
 # loaded while any holder (gateway) holds it, so gateways sharing the services cannot unload each other's.
 CONTROL = "control"
+CONTROL_TIMEOUT_S = 300.0  # one load: a version of the coinrun preset downloads and binds well within this
 
 SERVICE_KINDS = ("tokenizer", "lam", "dynamics")
 MODELS_BY_KIND = {

@@ -25,7 +25,6 @@ from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding
 
 logger = logging.getLogger("genie.triton")
-CONTROL_TIMEOUT_S = 300.0  # a version of the coinrun preset downloads and loads in well under this
 
 
 class ControlQueue:
@@ -37,7 +36,7 @@ class ControlQueue:
     def call(self, work: Callable[[], object]) -> object:
         done: Future = Future()
         self._commands.put((work, done))
-        return done.result(timeout=CONTROL_TIMEOUT_S)
+        return done.result(timeout=protocol.CONTROL_TIMEOUT_S)
 
     def run_next(self, timeout_s: float) -> None:
         """Runs one queued request, or returns after timeout_s without one."""
