@@ -5,34 +5,15 @@ KV caches, step count and seed; worlds join and leave freely. `World` is the one
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from genie_models.prompts import prepare_prompt
 from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
 from genie_models.world_model import WorldModel
-
-
-def prepare_prompt(images: np.ndarray | Image.Image | Sequence[np.ndarray | Image.Image], image_size: int) -> np.ndarray:
-    """Any image(s) of any size (HxWx3 / HxW / RGBA arrays or PIL images) -> uint8 [T, size, size, 3].
-
-    The whole picture is resized (not cropped) so nothing in a sketch or photo is cut away.
-    """
-    if isinstance(images, (np.ndarray, Image.Image)):
-        images = [images] if isinstance(images, Image.Image) or np.asarray(images).ndim <= 3 else list(images)
-    if len(images) == 0:
-        raise ValueError("a prompt needs at least one image")
-    frames = []
-    for image in images:
-        picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        if picture.width == 0 or picture.height == 0:
-            raise ValueError("prompt image is empty (zero width or height)")
-        picture = picture.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        frames.append(np.asarray(picture, dtype=np.uint8))
-    return np.stack(frames)
 
 
 @dataclass

@@ -33,6 +33,11 @@ class GatewayMetrics:
                                     registry=self.registry)
         self.batch_size = Histogram("genie_batch_size", "Worlds stepped per backend call",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_version_loaded = Gauge("genie_model_version_loaded", "1 for each published model version "
+                                          "loaded for serving: the latest, and older ones open worlds still play",
+                                          ["model", "version"], registry=self.registry)
+        self.model_latest_version = Gauge("genie_model_latest_version", "The published version new worlds of each "
+                                          "model get", ["model"], registry=self.registry)
 
     def track_active_worlds(self, count: Callable[[], int]) -> None:
         self.active_worlds.set_function(count)

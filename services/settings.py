@@ -64,6 +64,12 @@ class GatewaySettings(BaseSettings):
     triton_endpoints: dict[str, dict[str, str]] = Field(
         default_factory=dict,
         description="model name -> {tokenizer|lam|dynamics: Triton gRPC host:port} (backend=triton only)")
+    # Published models (services/stores/catalog.py) in the store named by GENIE_STORE_*: served by name at
+    # their latest version, which the gateway re-reads every catalog_poll_s, so a new version reaches new worlds
+    # without a restart. With backend=triton, each name's services run with --catalog (triton_endpoints).
+    catalog_models: list[str] = Field(
+        default_factory=list, description='names served from the model catalog, JSON: ["coinrun"] (none: no catalog)')
+    catalog_poll_s: float = Field(2.0, gt=0, description="how often the catalog's latest-version pointers are read")
 
 
 class StoreSettings(BaseSettings):

@@ -2,16 +2,17 @@
 # The session gateway: `genie serve gateway` (GENIE_GATEWAY_*), gRPC :50051, metrics :9090.
 # Build from the repository root: docker build -f deploy/docker/gateway.Dockerfile -t genie-gateway .
 #
-# CPU torch is installed although the gateway runs the `triton` backend: services/gateway/gateway.py imports
-# genie_models.world (prompt preparation) and genie_models/__init__.py imports torch, and the `genie` command
-# itself is genie_models.cli. Until that import is split out, the gateway image carries CPU torch (~200 MB).
+# No torch: the gateway runs the `triton` backend and reaches models only through the Triton services;
+# prompt preparation is genie_models.prompts (numpy + Pillow) and `genie` loads torch only for model commands
+# (tests/services/test_gateway_torch_free.py). The pinned lock minus torch, the Triton server (model services
+# only) and procgen (training data only). The `inprocess` backend needs torch: use the worker image for that.
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/genie
 COPY requirements.txt .
-# torch==2.13.0 from the CPU index resolves to 2.13.0+cpu (no CUDA libraries in the gateway).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple \
-        -r requirements.txt
+RUN grep -vE '^(torch|nvidia-pytriton|procgen-mirror|gym|gym3|gym-notices)==' requirements.txt > gateway-requirements.txt \
+    && pip install -r gateway-requirements.txt \
+    && ! pip show torch >/dev/null 2>&1
 COPY pyproject.toml README.md ./
 COPY genie_models genie_models
 COPY services services

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from services.stores.catalog import ModelCatalog, ModelVersion
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -57,7 +59,17 @@ class WorldsNotCached(BackendError):
 
 
 class ModelBackend(Protocol):
-    def models(self) -> list[ModelInfo]: ...
+    """Every call names the model by its key: the bare name of a fixed model (settings), or `name@N` for a
+    published version loaded with load_version."""
+
+    def models(self) -> list[ModelInfo]:
+        """The fixed models, loaded at start-up."""
+
+    def load_version(self, model: ModelVersion, catalog: ModelCatalog) -> ModelInfo:
+        """Make a published version servable under the key model.ref (idempotent); its info's name is that key."""
+
+    def unload_version(self, key: str) -> None:
+        """Free a published version no world plays any more (unknown keys are fine)."""
 
     def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
         """uint8 frames [T, H, W, 3] -> tokens [T, h, w]."""

@@ -1,6 +1,7 @@
 """The `inprocess` model backend: torch models in the gateway's own process (the embedded default).
 
-Each model gets a DynamicsEngine and a FrameDecoder with one cache slot per world, behind one lock.
+Each model (a fixed one, or a published version loaded from the catalog at run time) gets a DynamicsEngine
+and a FrameDecoder with one cache slot per world, behind one lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
 from services.settings import GatewaySettings
+from services.stores.catalog import ModelCatalog, ModelVersion
 
 
 def model_info(world: WorldModel, name: str) -> ModelInfo:
@@ -55,11 +57,24 @@ class InProcessBackend:
 
     def __init__(self, settings: GatewaySettings):
         self.device = torch.device(settings.device)
+        self.max_worlds = settings.max_worlds
         self._models = {name: _load(name, Path(directory), settings.max_worlds, settings.device)
                         for name, directory in settings.models.items()}
+        self._fixed = list(self._models)
 
     def models(self) -> list[ModelInfo]:
-        return [loaded.info for loaded in self._models.values()]
+        return [self._models[name].info for name in self._fixed]
+
+    def load_version(self, model: ModelVersion, catalog: ModelCatalog) -> ModelInfo:
+        loaded = self._models.get(model.ref)
+        if loaded is None:
+            _, directory = catalog.load(model.ref)  # downloads once, verifies every sha256
+            loaded = self._models.setdefault(model.ref, _load(model.ref, directory, self.max_worlds, str(self.device)))
+        return loaded.info
+
+    def unload_version(self, key: str) -> None:
+        if key not in self._fixed:
+            self._models.pop(key, None)
 
     def _get(self, model: str) -> LoadedModel:
         loaded = self._models.get(model)

@@ -11,11 +11,12 @@ import numpy as np
 from PIL import Image
 
 from genie.v1 import world_pb2 as pb
-from services.backends.base import ModelInfo
 from services.gateway.errors import InvalidArgument
 from services.gateway.gateway import SamplingRequest
 from services.gateway.prompts import ImageLimits, decode_encoded, decode_raw
+from services.gateway.versions import ModelListing
 from services.gateway.worlds import idle_seconds
+from services.stores.catalog import split_key
 from services.worldstore.base import WorldRecord
 
 
@@ -54,13 +55,16 @@ def frame_format(requested: int, default: int) -> int:
 def world_message(record: WorldRecord) -> pb.World:
     sampling = pb.SamplingParams(num_maskgit_steps=record.num_maskgit_steps, temperature=record.temperature,
                                  seed=record.seed)
-    return pb.World(world_id=record.world_id, model=record.model, sampling=sampling,
+    name, version = split_key(record.model)
+    return pb.World(world_id=record.world_id, model=name, sampling=sampling,
                     output_format=record.output_format or pb.FRAME_FORMAT_RAW_RGB, step=record.step,
-                    idle_seconds=idle_seconds(record))
+                    idle_seconds=idle_seconds(record), model_version=version or 0)
 
 
-def model_message(info: ModelInfo) -> pb.Model:
+def model_message(listing: ModelListing) -> pb.Model:
+    info = listing.info
     return pb.Model(name=info.name, num_actions=info.num_actions, image_size=info.image_size,
                     default_num_maskgit_steps=info.default_maskgit_steps,
                     default_temperature=info.default_temperature, history_frames=info.history_frames,
-                    window_frames=info.window_frames)
+                    window_frames=info.window_frames, versions=listing.versions, latest_version=listing.latest,
+                    loaded_versions=listing.loaded)

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from genie_models.world import prepare_prompt
+from genie_models.prompts import prepare_prompt
 from services.backends.base import ModelBackend, ModelInfo, StepResult, WorldStep
 from services.gateway.batcher import PendingStep, StepBatcher
 from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                                      ResourceExhausted)
 from services.gateway.limits import quote
 from services.gateway.prompts import ImageLimits
+from services.gateway.versions import ModelListing, ModelVersions
 from services.gateway.worlds import Reaper, Sampling, World, WorldRegistry, idle_seconds
 from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
+from services.stores.catalog import ModelCatalog
 from services.worldstore.base import WorldRecord, WorldStore
 
 log = logging.getLogger(__name__)
@@ -55,51 +58,74 @@ def _not_found(world_id: str) -> NotFound:
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, backend: ModelBackend, metrics: GatewayMetrics,
-                 store: WorldStore):
+                 store: WorldStore, catalog: ModelCatalog | None = None):
         self.settings, self.backend, self.metrics, self.store = settings, backend, metrics, store
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        self.worlds = WorldRegistry(settings.max_worlds)
-        self._models = {info.name: info for info in backend.models()}
-        self._batchers = {name: StepBatcher(name, backend, settings.batch_window_ms / 1000, settings.max_batch,
-                                            metrics.batch_size.observe) for name in self._models}
+        self.versions = ModelVersions(backend, catalog, settings.catalog_models, metrics)
+        self.worlds = WorldRegistry(settings.max_worlds)  # each world held here holds its model version
+        self._batchers: dict[str, StepBatcher] = {}  # model key -> its batcher, made on the key's first step
+        self._batchers_lock = threading.Lock()
+        self.versions.unloaded.append(self._drop_batcher)
         metrics.track_active_worlds(lambda: len(self.worlds))
         self._reaper = Reaper(self.evict_idle, interval_s=min(5.0, settings.idle_timeout_s / 4))
         self._reaper.start()
+        self._poller = None
+        if settings.catalog_models:
+            self.versions.poll()  # serve the latest versions from the start
+            self._poller = Reaper(self.versions.poll, settings.catalog_poll_s, name="catalog-poller")
+            self._poller.start()
 
-    def models(self) -> list[ModelInfo]:
-        return list(self._models.values())
+    def models(self) -> list[ModelListing]:
+        return self.versions.listing()
 
-    def model(self, name: str) -> ModelInfo:
-        info = self._models.get(name)
-        if info is None:
-            raise NotFound(f"no model named {quote(name)} on this gateway; models: {', '.join(self._models) or 'none'}")
-        return info
+    def model(self, ref: str) -> ModelInfo:
+        """The model CreateWorld would start ref (a name or name@version) on; NotFound or InvalidArgument if none."""
+        return self.versions.peek(ref)
+
+    def _batcher(self, key: str) -> StepBatcher:
+        with self._batchers_lock:
+            if key not in self._batchers:
+                self._batchers[key] = StepBatcher(key, self.backend, self.settings.batch_window_ms / 1000,
+                                                  self.settings.max_batch, self.metrics.batch_size.observe)
+            return self._batchers[key]
+
+    def _drop_batcher(self, key: str) -> None:
+        """After a version was unloaded: no world plays it, so its batcher has nothing queued."""
+        with self._batchers_lock:
+            batcher = self._batchers.pop(key, None)
+        if batcher is not None:
+            batcher.stop()
 
     def create_world(self, owner: str, model: str, image: np.ndarray, sampling: SamplingRequest,
                      output_format: int = 0) -> tuple[World, Frame]:
-        """Starts a world from one image (uint8 [H, W, 3], any size) -> (world, its prompt frame)."""
-        info = self.model(model)
-        resolved = self._resolve_sampling(info, sampling)
+        """Starts a world from one image (uint8 [H, W, 3], any size) -> (world, its prompt frame).
+        model is a name (its latest version now) or name@version; the world records the resolved key."""
+        self.model(model)  # an unknown or malformed model is reported before anything is reserved
         per_key = self.settings.max_worlds_per_key
         if self.settings.auth == "api-key" and self.store.count(owner) >= per_key:
             raise ResourceExhausted(f"this API key already has its maximum of {per_key} open worlds: "
                                     "close worlds you no longer play")
         world_id = self.worlds.reserve()
+        info = None
         try:
+            info = self.versions.acquire(model)  # held from here until the world leaves this gateway
+            key, resolved = info.name, self._resolve_sampling(info, sampling)
             frames = prepare_prompt(image, info.image_size)  # [1, S, S, 3]
-            tokens = self.backend.encode(model, frames)
+            tokens = self.backend.encode(key, frames)
             actions = np.array([info.num_actions], dtype=np.int64)  # "no action" led into the first frame
-            decoded = self.backend.start_world(model, world_id, tokens, actions)
-            record = WorldRecord(world_id, owner, model, resolved.seed, resolved.num_maskgit_steps,
+            decoded = self.backend.start_world(key, world_id, tokens, actions)
+            record = WorldRecord(world_id, owner, key, resolved.seed, resolved.num_maskgit_steps,
                                  resolved.temperature, output_format, step=0, tokens=np.asarray(tokens[-1:]),
                                  actions=actions, last_frame=decoded[-1], last_action=NO_ACTION)
             self.store.create(record)
         except BaseException:
             self.worlds.release()
+            if info is not None:
+                self.versions.release(info.name)
             raise
         world = World(record, history_frames=info.history_frames)
         self.worlds.add(world)
-        log.info("world created", extra={"world_id": world_id, "model": model, "seed": resolved.seed})
+        log.info("world created", extra={"world_id": world_id, "model": key, "seed": resolved.seed})
         return world, Frame(world_id, 0, decoded[-1], output_format)
 
     @staticmethod
@@ -118,11 +144,19 @@ class Gateway:
             record = self.store.load(world_id)
             if record is None or record.owner != owner:
                 raise _not_found(world_id)
-            info = self._models.get(record.model)
-            if info is None:
+            try:
+                info = self.versions.acquire(record.model)  # loads the world's version if this gateway has not
+            except NotFound as error:
                 raise NotFound(f"world {quote(world_id)} plays model {quote(record.model)}, which this gateway "
-                               "does not serve: use a gateway that does")
-            world = self.worlds.adopt(World(record, history_frames=info.history_frames, needs_rebuild=True))
+                               f"does not serve ({error}): use a gateway that does") from error
+            loaded = World(record, history_frames=info.history_frames, needs_rebuild=True)
+            try:
+                world = self.worlds.adopt(loaded)
+            except BaseException:
+                self.versions.release(info.name)
+                raise
+            if world is not loaded:  # another call adopted it first and holds the version for it
+                self.versions.release(info.name)
         if world.owner != owner:
             raise _not_found(world_id)
         return world
@@ -145,7 +179,7 @@ class Gateway:
         is already there with the same action, its recorded frame is the answer."""
         started = time.perf_counter()
         world = self._world(owner, world_id)
-        info = self._models[world.model]
+        info = self.versions.peek(world.model)  # loaded: the world holds it
         if not 0 <= action < info.num_actions:
             raise InvalidArgument(f"action {action} is out of range: model {quote(info.name)} has actions "
                                   f"0..{info.num_actions - 1}")
@@ -175,7 +209,7 @@ class Gateway:
             result.set_exception(error)
             return
         pending.future.add_done_callback(lambda done: _copy_outcome(done, result))
-        self._batchers[world.model].submit(pending)
+        self._batcher(world.model).submit(pending)
 
     @staticmethod
     def _replay(world: World, action: int, expected_step: int) -> Frame:
@@ -188,11 +222,18 @@ class Gateway:
                                  f"which is at step {record.step}{detail}: send expected_step {record.step + 1} "
                                  "for its next step (or leave it unset)")
 
+    def _let_go(self, world_id: str) -> World | None:
+        """Stops holding a world here (without closing it) and its hold on its model version."""
+        world = self.worlds.remove(world_id)
+        if world is not None:
+            self.versions.release(world.model)
+        return world
+
     def _refresh(self, world: World) -> None:
         record = self.store.load(world.world_id)
         if record is None:
             world.closed = True
-            self.worlds.remove(world.world_id)
+            self._let_go(world.world_id)
             raise _not_found(world.world_id)
         if record.step != world.record.step:
             world.record, world.needs_rebuild = record, True
@@ -240,13 +281,18 @@ class Gateway:
     def close_world(self, owner: str, world_id: str, reason: str = "closed") -> None:
         record = self.get_world(owner, world_id)
         world = self.worlds.remove(world_id)
-        if world is not None:
-            world.closed = True
-            # Wait for an in-flight step, so the backend never rebuilds a world after it was ended.
-            world.wait_idle(self.settings.step_deadline_s)
-        if not self.store.delete(world_id, owner):
-            raise _not_found(world_id)
-        self.backend.end_world(record.model, world_id)
+        try:
+            if world is not None:
+                world.closed = True
+                # Wait for an in-flight step, so the backend never rebuilds a world after it was ended.
+                world.wait_idle(self.settings.step_deadline_s)
+            if not self.store.delete(world_id, owner):
+                raise _not_found(world_id)
+            if world is not None or self.versions.serves(record.model):  # else: no caches of it here
+                self.backend.end_world(record.model, world_id)
+        finally:
+            if world is not None:  # after end_world: the version may be unloaded once released
+                self.versions.release(world.model)
         log.info("world %s", reason, extra={"world_id": world_id, "model": record.model, "steps": record.step})
 
     def evict_idle(self) -> None:
@@ -258,7 +304,7 @@ class Gateway:
             try:
                 stored = self.store.load(world.world_id)
                 if stored is None or idle_seconds(stored) < self.settings.idle_timeout_s:
-                    self.worlds.remove(world.world_id)
+                    self._let_go(world.world_id)
                     continue
                 self.close_world(world.owner, world.world_id, reason="evicted after idle timeout")
             except NotFound:
@@ -269,7 +315,11 @@ class Gateway:
     def close(self) -> None:
         """Stops the reaper and batchers (finishing queued steps); backend and store are closed by their owner."""
         self._reaper.stop()
-        for batcher in self._batchers.values():
+        if self._poller is not None:
+            self._poller.stop()
+        with self._batchers_lock:
+            batchers = list(self._batchers.values())
+        for batcher in batchers:
             batcher.stop()
 
 

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,7 @@ from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPreconditi
 from services.gateway.gateway import Frame, Gateway
 from services.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from services.settings import GatewaySettings
+from services.stores.catalog import ModelCatalog
 from services.worldstore.base import WorldStore, WorldStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ class WorldServicer(world_pb2_grpc.WorldServiceServicer):
     @_rpc(PLAY)
     async def CreateWorld(self, caller: Caller, request: pb.CreateWorldRequest, context) -> pb.CreateWorldResponse:
         output_format = convert.frame_format(request.output_format, pb.FRAME_FORMAT_RAW_RGB)
-        self.gateway.model(limits.model_name(request.model))  # an unknown model is reported before decoding
+        # An unknown model is reported before decoding; a version not loaded yet loads here (off the event loop).
+        await self._blocking(self.gateway.model, limits.model_name(request.model))
         world, frame = await self._blocking(self._create, caller.name, request, output_format)
         return pb.CreateWorldResponse(world=convert.world_message(world.record),
                                       frame=convert.frame_message(frame.pixels, output_format))
@@ -178,7 +181,8 @@ class WorldServicer(world_pb2_grpc.WorldServiceServicer):
 
     @_rpc(READ)
     async def ListModels(self, caller: Caller, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_message(m) for m in self.gateway.models()])
+        listings = await self._blocking(self.gateway.models)  # reads the catalog's version lists
+        return pb.ListModelsResponse(models=[convert.model_message(listing) for listing in listings])
 
 
 def build_backend(settings: GatewaySettings) -> ModelBackend:
@@ -189,6 +193,17 @@ def build_backend(settings: GatewaySettings) -> ModelBackend:
 def build_store(settings: GatewaySettings) -> WorldStore:
     """The world store plugin named by settings.world_store (entry point group genie.worlds)."""
     return registry.get("worlds", settings.world_store)(settings)
+
+
+def build_catalog(settings: GatewaySettings) -> ModelCatalog | None:
+    """The model catalog in the store of GENIE_STORE_*, when the gateway serves catalog models."""
+    if not settings.catalog_models:
+        return None
+    from services.settings import StoreSettings
+    from services.stores import open_store
+
+    store_settings = StoreSettings()
+    return ModelCatalog(open_store(store_settings), Path(store_settings.cache_dir))
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
@@ -209,14 +224,15 @@ class GatewayRuntime:
     (with health + reflection) and the metrics endpoint. Constructed and driven from ordinary threads."""
 
     def __init__(self, settings: GatewaySettings, backend: ModelBackend | None = None,
-                 store: WorldStore | None = None):
+                 store: WorldStore | None = None, catalog: ModelCatalog | None = None):
         self.settings = settings
         self.auth = Authenticator(settings)  # refuses to start without keys unless auth is off
         credentials = server_credentials(settings)
         self.backend = backend if backend is not None else build_backend(settings)
         self.store = store if store is not None else build_store(settings)
         self.metrics = GatewayMetrics()
-        self.gateway = Gateway(settings, self.backend, self.metrics, self.store)
+        catalog = catalog if catalog is not None else build_catalog(settings)
+        self.gateway = Gateway(settings, self.backend, self.metrics, self.store, catalog)
         self.executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="gateway-io")
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="gateway-loop", daemon=True)
@@ -253,7 +269,7 @@ class GatewayRuntime:
         log.info("gateway serving", extra={"port": self.port, "metrics_port": self.metrics_server.port,
                                            "backend": self.settings.backend, "world_store": self.settings.world_store,
                                            "auth": self.settings.auth, "tls": self.settings.tls_cert_file is not None,
-                                           "models": [m.name for m in self.gateway.models()]})
+                                           "models": [*self.gateway.versions.served_names()]})
         return self
 
     async def _stop(self, grace_s: float) -> None:

@@ -173,12 +173,12 @@ class WorldRegistry:
 
 
 class Reaper:
-    """A daemon thread that calls evict() every interval_s until stopped."""
+    """A daemon thread that calls evict() every interval_s until stopped (also the catalog's poller)."""
 
-    def __init__(self, evict: Callable[[], None], interval_s: float):
+    def __init__(self, evict: Callable[[], None], interval_s: float, name: str = "world-reaper"):
         self._evict, self._interval_s = evict, interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="world-reaper", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()

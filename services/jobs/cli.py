@@ -1,5 +1,5 @@
 """CLI of training jobs: `genie serve jobs`, `genie jobs submit|get|watch|list|cancel`, `genie worker`,
-`genie datasets upload` and `genie models list|delete`. Registered by services.cli.
+`genie datasets upload` and `genie models list|publish|delete`. Registered by services.cli.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubPar
     models = subparsers.add_parser("models", help="published model versions in the store (GENIE_STORE_*)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="models and their versions").set_defaults(handler=_models_list)
+    publish = models_sub.add_parser("publish", help="publish a trained world directory as NAME's next version "
+                                    "(gateways serving NAME give it to new worlds within seconds)")
+    publish.add_argument("name")
+    publish.add_argument("checkpoint", type=Path, help="trained world directory (safetensors + manifest)")
+    publish.set_defaults(handler=_models_publish)
     delete = models_sub.add_parser("delete", help="delete one version: NAME@VERSION")
     delete.add_argument("ref")
     delete.set_defaults(handler=_models_delete)
@@ -276,19 +281,23 @@ def _upload(args: argparse.Namespace) -> None:
     print(json.dumps({"dataset": args.name, "videos": len(keys)}))
 
 
-def _models_list(args: argparse.Namespace) -> None:
+def _catalog():
     from services.settings import StoreSettings
     from services.stores.base import open_store
     from services.stores.catalog import ModelCatalog
 
-    catalog = ModelCatalog(open_store(StoreSettings()))
+    return ModelCatalog(open_store(StoreSettings()))
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    catalog = _catalog()
     print(json.dumps({name: {"versions": catalog.versions(name), "latest": catalog.resolve(name).version}
                       for name in catalog.models()}))
 
 
-def _models_delete(args: argparse.Namespace) -> None:
-    from services.settings import StoreSettings
-    from services.stores.base import open_store
-    from services.stores.catalog import ModelCatalog
+def _models_publish(args: argparse.Namespace) -> None:
+    print(_catalog().publish(args.name, args.checkpoint).ref)
 
-    print(ModelCatalog(open_store(StoreSettings())).delete(args.ref).ref)
+
+def _models_delete(args: argparse.Namespace) -> None:
+    print(_catalog().delete(args.ref).ref)

@@ -54,6 +54,12 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+def split_key(key: str) -> tuple[str, int | None]:
+    """A serving key -> (model name, version): `name@N` is a published version, a bare name a fixed model (None)."""
+    name, _, version = key.partition("@")
+    return name, int(version) if version else None
+
+
 class ModelCatalog:
     """Publish, list, resolve, load and delete model versions in one store."""
 
@@ -88,7 +94,7 @@ class ModelCatalog:
 
         model = ModelVersion(check_model_name(name), version or self.next_version(name))
         put_checkpoint(self.store, checkpoint, model.prefix)
-        current = self._pointer(name)
+        current = self.pointer(name)
         if current is None or current <= model.version:
             self.store.put_bytes(f"{MODELS_PREFIX}/{name}/{LATEST}", f"{model.version}\n".encode())
         return model
@@ -99,7 +105,7 @@ class ModelCatalog:
         if not available:
             raise UnknownModel(f"no published model {name!r}; models: {', '.join(self.models()) or 'none'}")
         if version is None:
-            pointed = self._pointer(name)
+            pointed = self.pointer(name)
             version = pointed if pointed in available else available[-1]
         elif version not in available:
             raise UnknownModel(f"{name} has no version {version}; versions: {', '.join(map(str, available))}")
@@ -127,7 +133,7 @@ class ModelCatalog:
             raise ValueError(f"delete needs an explicit version: {name}@N")
         model = self.resolve(ref)
         remaining = [v for v in self.versions(name) if v != version]
-        if self._pointer(name) == version:
+        if self.pointer(name) == version:
             if remaining:
                 self.store.put_bytes(f"{MODELS_PREFIX}/{name}/{LATEST}", f"{remaining[-1]}\n".encode())
             else:
@@ -135,7 +141,8 @@ class ModelCatalog:
         delete_checkpoint(self.store, model.prefix)
         return model
 
-    def _pointer(self, name: str) -> int | None:
+    def pointer(self, name: str) -> int | None:
+        """The version `latest` names (one small read: what a server polls to notice a new version), or None."""
         try:
             text = self.store.get_bytes(f"{MODELS_PREFIX}/{name}/{LATEST}").decode().strip()
         except ObjectNotFound:

@@ -20,7 +20,7 @@ DESCRIPTION = ("Serves one part of a trained world as a Triton model service unt
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    checkpoint: Path
+    checkpoint: Path | None  # None with catalog: versions come from the model catalog
     model_name: str
     grpc_port: int = 8001
     http_port: int = 8000
@@ -32,6 +32,7 @@ class ServiceSettings:
     max_queue_delay_us: int = 500  # how long a step waits for others to join its batch
     device: str = "cpu"
     port_wait_s: float = 15.0  # how long a restart waits for a killed instance's tritonserver to free the ports
+    catalog: bool = False  # serve model_name's published versions (store from GENIE_STORE_*), not a checkpoint
 
 
 OPTION_HELP = {
@@ -46,8 +47,12 @@ OPTION_HELP = {
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of one model service, shared by `python -m services.triton` and `genie serve KIND`."""
     defaults = ServiceSettings(Path("."), "")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="trained world directory")
-    parser.add_argument("--model-name", required=True, help="the world model's name in the gateway")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="trained world directory")
+    source.add_argument("--catalog", action="store_true",
+                        help="serve the published versions of --model-name from the model catalog (store from "
+                        "GENIE_STORE_*), each loaded and unloaded at run time when a gateway asks")
+    parser.add_argument("--model-name", required=True, help="the world model's name in the gateway (and catalog)")
     for name, help_text in OPTION_HELP.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"{help_text} (default {getattr(defaults, name)})")

@@ -66,9 +66,10 @@ class ServiceClient:
             return ValueError(f"{self.what} refused the request: {message}")
         return BackendError(f"{self.what} at {self.url} failed: {message}")
 
-    def infer(self, model_name: str, arrays: Mapping[str, np.ndarray]) -> grpcclient.InferResult:
+    def infer(self, model_name: str, arrays: Mapping[str, np.ndarray],
+              timeout_s: float | None = None) -> grpcclient.InferResult:
         try:
-            return self.client.infer(model_name, to_inputs(arrays), client_timeout=self.timeout_s)
+            return self.client.infer(model_name, to_inputs(arrays), client_timeout=timeout_s or self.timeout_s)
         except InferenceServerException as error:
             raise self._error(error) from error
 

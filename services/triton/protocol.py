@@ -24,6 +24,13 @@ DYNAMICS_START = "dynamics_start"
 DYNAMICS_STEP = "dynamics_step"
 DYNAMICS_END = "dynamics_end"
 
+# A service started with --catalog serves published versions: each version's models are bound at run time under
+# versioned names (`dynamics_step_v3`), on a gateway's `control` request (COMMAND JSON in, LOADED JSON out):
+# {"action": "load" | "unload", "version": N, "holder": GATEWAY_ID} -> {"loaded": [versions]}. A version stays
+# loaded while any holder (gateway) holds it, so gateways sharing the services cannot unload each other's.
+CONTROL = "control"
+CONTROL_TIMEOUT_S = 300.0  # one load: a version of the coinrun preset downloads and binds well within this
+
 SERVICE_KINDS = ("tokenizer", "lam", "dynamics")
 MODELS_BY_KIND = {
     "tokenizer": (INFO, TOKENIZER_ENCODE, TOKENIZER_START, TOKENIZER_DECODE, TOKENIZER_END),
@@ -33,6 +40,15 @@ MODELS_BY_KIND = {
 
 # World model names appear in settings, logs and the info answer; keep them to a portable charset.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def versioned(model: str, version: int | None) -> str:
+    """The Triton model name of `model` for one published version; the bare name for a fixed checkpoint."""
+    return model if version is None else f"{model}_v{version}"
+
+
+def control_command(action: str, version: int, holder: str) -> bytes:
+    return json.dumps({"action": action, "version": version, "holder": holder}).encode()
 
 
 class Status(IntEnum):

@@ -1,6 +1,7 @@
 """Start one Triton model service (tokenizer, lam or dynamics) for one trained world, in this process.
 
-`python -m services.triton KIND --checkpoint DIR --model-name NAME --grpc-port P ...`; `genie serve KIND`
+`python -m services.triton KIND --checkpoint DIR --model-name NAME --grpc-port P ...` (or `--catalog` instead of
+`--checkpoint`: the model's published versions, loaded on the gateways' request, see versions.py); `genie serve KIND`
 calls `run(kind, settings)` here (exit 1 when it cannot serve). Each process gets its own ports and PyTriton workspace.
 """
 
@@ -29,6 +30,7 @@ from services.backends.inprocess import model_info
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
 from services.triton.cli import ServiceSettings, parse_args
+from services.triton.versions import ControlQueue, VersionHost, control_binding
 
 logger = logging.getLogger("genie.triton")
 
@@ -65,6 +67,27 @@ def build_bindings(kind: str, model: WorldModel, settings: ServiceSettings) -> l
         from services.triton.dynamics_service import DynamicsService
         return DynamicsService(model.dynamics, settings.max_worlds, settings.device).bindings(batcher)
     raise ValueError(f"unknown service kind {kind!r}; kinds are {', '.join(protocol.SERVICE_KINDS)}")
+
+
+def world_bindings(kind: str, model: WorldModel, settings: ServiceSettings, name: str) -> list[Binding]:
+    """Every Triton model of this service for one loaded world (name: what its `info` answer calls it)."""
+    return [info_binding(model_info(model, name), kind), *build_bindings(kind, model, settings)]
+
+
+def catalog_bindings(kind: str, settings: ServiceSettings) -> Callable[[int], list[Binding]]:
+    """version -> its bindings, fetched (and sha256-checked) from the catalog of GENIE_STORE_*."""
+    from services.settings import StoreSettings
+    from services.stores import open_store
+    from services.stores.catalog import ModelCatalog
+
+    store_settings = StoreSettings()
+    catalog = ModelCatalog(open_store(store_settings), Path(store_settings.cache_dir))
+
+    def load(version: int) -> list[Binding]:
+        model, directory = catalog.load(f"{settings.model_name}@{version}")
+        return world_bindings(kind, WorldModel.load(directory, device=settings.device), settings, model.ref)
+
+    return load
 
 
 def triton_config(settings: ServiceSettings) -> TritonConfig:
@@ -182,8 +205,11 @@ def serve(kind: str, settings: ServiceSettings) -> None:
         raise ValueError(f"model name {settings.model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
     stop = StopRequest()
     wait_for_free_ports(settings)
-    model = WorldModel.load(settings.checkpoint, device=settings.device)
-    bindings = [info_binding(model_info(model, settings.model_name), kind), *build_bindings(kind, model, settings)]
+    controls = ControlQueue()
+    if settings.checkpoint is not None:
+        model = WorldModel.load(settings.checkpoint, device=settings.device)
+    else:  # --catalog: only the control model to start with; versions are bound when a gateway asks
+        load_version = catalog_bindings(kind, settings)
     # PyTriton refuses an existing workspace dir; a private parent keeps concurrent processes apart.
     parent = Path(tempfile.mkdtemp(prefix=f"genie-{kind}-", dir=settings.workspace_root))
     if len(str(parent)) > MAX_WORKSPACE_CHARS:
@@ -194,11 +220,17 @@ def serve(kind: str, settings: ServiceSettings) -> None:
     TritonWatch(kind, stop, lambda: shutil.rmtree(parent, ignore_errors=True)).start()
     try:
         with Triton(config=triton_config(settings), workspace=parent / "ws") as triton:
+            bindings = (world_bindings(kind, model, settings, settings.model_name) if settings.checkpoint is not None
+                        else [control_binding(controls, VersionHost(kind, triton, load_version))])
             for binding in bindings:
                 triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,
                             outputs=binding.outputs, config=binding.config, strict=True)
             logger.info("serving %s of world %r on grpc :%d", kind, settings.model_name, settings.grpc_port)
-            triton.serve()  # returns on SIGTERM/SIGINT, or when PyTriton finds the server or a model proxy dead
+            # Until SIGTERM/SIGINT (KeyboardInterrupt), or PyTriton finds the server or a model proxy dead. Our own
+            # loop, not triton.serve(): versions are bound here, between liveness checks, because a model bound but
+            # not yet loaded counts as dead to that check.
+            while triton.is_alive():
+                controls.run_next(timeout_s=1.0)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     if not stop.requested:

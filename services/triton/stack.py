@@ -18,7 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -122,6 +122,7 @@ class ServiceOptions:
     device: str = "cpu"
     workspace_root: Path | None = None
     torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
+    environment: dict[str, str] = field(default_factory=dict)  # more variables, e.g. GENIE_STORE_* for a catalog
 
 
 class TritonService:
@@ -129,10 +130,14 @@ class TritonService:
 
     Its output goes to log_path (appended) or, without one, to our own stdout and stderr."""
 
-    def __init__(self, kind: str, checkpoint: Path, model_name: str, ports: ServicePorts,
+    def __init__(self, kind: str, checkpoint: Path | None, model_name: str, ports: ServicePorts,
                  options: ServiceOptions = ServiceOptions(), log_path: Path | None = None):
+        """checkpoint None: the service serves model_name's published versions (--catalog)."""
         self.kind, self.ports, self.options, self.log_path = kind, ports, options, log_path
-        self.command = [sys.executable, "-m", "services.triton", kind, "--checkpoint", str(checkpoint),
+        source = ["--catalog"] if checkpoint is None else ["--checkpoint", str(checkpoint)]
+        # A catalog service starts with only its control model; versions are bound when a gateway asks.
+        self.ready_models = (protocol.CONTROL,) if checkpoint is None else protocol.MODELS_BY_KIND[kind]
+        self.command = [sys.executable, "-m", "services.triton", kind, *source,
                         "--model-name", model_name, "--address", options.address,
                         "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
                         "--metrics-port", str(ports.metrics), "--max-worlds", str(options.max_worlds),
@@ -157,7 +162,8 @@ class TritonService:
     def start(self) -> None:
         with contextlib.ExitStack() as files:
             log: IO | None = files.enter_context(open(self.log_path, "ab")) if self.log_path else None
-            self.process = start_child(self.command, service_environment(self.options.torch_threads), log)
+            environment = service_environment(self.options.torch_threads) | self.options.environment
+            self.process = start_child(self.command, environment, log)
         self.stopping = False
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -168,8 +174,7 @@ class TritonService:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.kind} service exited ({self.process.returncode}){self._log_hint()}")
                 with contextlib.suppress(InferenceServerException):
-                    if client.is_server_ready() and all(client.is_model_ready(name)
-                                                        for name in protocol.MODELS_BY_KIND[self.kind]):
+                    if client.is_server_ready() and all(client.is_model_ready(name) for name in self.ready_models):
                         return
                 time.sleep(0.3)
         raise TimeoutError(f"{self.kind} service not ready after {timeout_s} s{self._log_hint()}")
@@ -217,16 +222,18 @@ class TritonService:
 class ServiceStack:
     """The tokenizer, lam and dynamics services of one world model, started and stopped together.
 
-    ports: kind -> ServicePorts (default: free loopback ports); log_dir: one <kind>.log each (default:
-    our own output)."""
+    checkpoint None: the services serve model_name's published versions from the catalog (--catalog; store settings
+    in options.environment or our own GENIE_STORE_*). ports: kind -> ServicePorts (default: free loopback ports);
+    log_dir: one <kind>.log each (default: our own output)."""
 
-    def __init__(self, checkpoint: Path, model_name: str, options: ServiceOptions = ServiceOptions(),
+    def __init__(self, checkpoint: Path | None, model_name: str, options: ServiceOptions = ServiceOptions(),
                  ports: dict[str, ServicePorts] | None = None, log_dir: Path | None = None):
         if not protocol.MODEL_NAME_PATTERN.match(model_name):
             raise ValueError(f"model name {model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
-        self.model_name = model_name
+        self.model_name, self.catalog = model_name, checkpoint is None
         ports = ports or stack_ports(0)
-        self.services = {kind: TritonService(kind, Path(checkpoint), model_name, ports[kind], options,
+        checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.services = {kind: TritonService(kind, checkpoint, model_name, ports[kind], options,
                                              Path(log_dir) / f"{kind}.log" if log_dir else None)
                          for kind in protocol.SERVICE_KINDS}
 
@@ -255,7 +262,8 @@ class ServiceStack:
     def overrides(self) -> dict:
         """GatewaySettings fields that point a gateway at this stack."""
         endpoints = {kind: service.url for kind, service in self.services.items()}
-        return {"backend": "triton", "triton_endpoints": {self.model_name: endpoints}}
+        catalog = {"catalog_models": [self.model_name]} if self.catalog else {}
+        return {"backend": "triton", "triton_endpoints": {self.model_name: endpoints}} | catalog
 
     def gateway_environment(self) -> dict[str, str]:
         """The same as GENIE_GATEWAY_* variables, for a gateway in its own process."""

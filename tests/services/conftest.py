@@ -30,8 +30,9 @@ from tests.services.triton_stack import triton_stack
 os.environ.setdefault("GENIE_GATEWAY_AUTH", "none")
 
 
-def tiny_world_model(context_frames: int = 4) -> WorldModel:
-    torch.manual_seed(0)
+def tiny_world_model(context_frames: int = 4, seed: int = 0) -> WorldModel:
+    """seed: another seed gives another world of the same shape (e.g. a second published version)."""
+    torch.manual_seed(seed)
     tokenizer = TokenizerConfig(image_size=32, patch_size=4, d_model=32, num_heads=2, encoder_layers=1,
                                 decoder_layers=1, num_codes=64, code_dim=8, context_frames=context_frames)
     lam = LAMConfig(image_size=32, patch_size=8, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1,

@@ -14,10 +14,11 @@ from pathlib import Path
 from services.triton.stack import ServiceOptions, ServicePorts, ServiceStack, TritonService
 
 
-def options_for_tests(max_worlds: int = 16, workspace_root: Path | None = None) -> ServiceOptions:
+def options_for_tests(max_worlds: int = 16, workspace_root: Path | None = None,
+                      environment: dict[str, str] | None = None) -> ServiceOptions:
     # Three services share the test machine's cores: one torch thread each avoids oversubscription.
     return ServiceOptions(max_worlds=max_worlds, max_queue_delay_us=20_000, workspace_root=workspace_root,
-                          torch_threads=1)
+                          torch_threads=1, environment=environment or {})
 
 
 def lone_service(kind: str, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int) -> TritonService:
@@ -27,11 +28,13 @@ def lone_service(kind: str, checkpoint: Path, model_name: str, log_dir: Path, ma
 
 
 @contextlib.contextmanager
-def running_stack(checkpoint: Path, model_name: str, max_worlds: int = 16) -> Iterator[ServiceStack]:
+def running_stack(checkpoint: Path | None, model_name: str, max_worlds: int = 16,
+                  environment: dict[str, str] | None = None) -> Iterator[ServiceStack]:
+    """checkpoint None: catalog services (--catalog), with the store named in environment (GENIE_STORE_*)."""
     # Workspaces get their own short root (Unix socket paths are short), removed even after a SIGKILL.
     with tempfile.TemporaryDirectory(prefix="genie-triton-test-") as log_dir, \
             tempfile.TemporaryDirectory(prefix="genie-ws-") as workspace_root:
-        options = options_for_tests(max_worlds, Path(workspace_root))
+        options = options_for_tests(max_worlds, Path(workspace_root), environment)
         with ServiceStack(checkpoint, model_name, options, log_dir=Path(log_dir)) as stack:
             yield stack
 

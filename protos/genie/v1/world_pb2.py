@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14genie/v1/world.proto\x12\x08genie.v1\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"M\n\x0bPromptImage\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.genie.v1.RawImageH\x00\x42\x08\n\x06source\"c\n\x0eSamplingParams\x12\x19\n\x11num_maskgit_steps\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x42\x0e\n\x0c_temperature\"\xa4\x01\n\x12\x43reateWorldRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06prompt\x18\x02 \x01(\x0b\x32\x15.genie.v1.PromptImage\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.genie.v1.SamplingParams\x12,\n\routput_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\"m\n\x05\x46rame\x12%\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\"U\n\x13\x43reateWorldResponse\x12\x1e\n\x05world\x18\x01 \x01(\x0b\x32\x0f.genie.v1.World\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\"\x89\x01\n\x10StepWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\x05\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x1a\n\rexpected_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"S\n\x11StepWorldResponse\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0c\n\x04step\x18\x03 \x01(\x04\"\x84\x01\n\x0bPlayRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\x05\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x1a\n\rexpected_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"N\n\x0cPlayResponse\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0c\n\x04step\x18\x03 \x01(\x04\"#\n\x0fGetWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\"\xa6\x01\n\x05World\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.genie.v1.SamplingParams\x12,\n\routput_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\"\x13\n\x11ListWorldsRequest\"5\n\x12ListWorldsResponse\x12\x1f\n\x06worlds\x18\x01 \x03(\x0b\x32\x0f.genie.v1.World\"%\n\x11\x43loseWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\"\x14\n\x12\x43loseWorldResponse\"\x13\n\x11ListModelsRequest\"\xad\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_actions\x18\x02 \x01(\r\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12!\n\x19\x64\x65\x66\x61ult_num_maskgit_steps\x18\x04 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\x05 \x01(\x02\x12\x16\n\x0ehistory_frames\x18\x06 \x01(\r\x12\x15\n\rwindow_frames\x18\x07 \x01(\r\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.genie.v1.Model*[\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46RAME_FORMAT_RAW_RGB\x10\x01\x12\x14\n\x10\x46RAME_FORMAT_PNG\x10\x02\x32\xee\x03\n\x0cWorldService\x12J\n\x0b\x43reateWorld\x12\x1c.genie.v1.CreateWorldRequest\x1a\x1d.genie.v1.CreateWorldResponse\x12\x44\n\tStepWorld\x12\x1a.genie.v1.StepWorldRequest\x1a\x1b.genie.v1.StepWorldResponse\x12\x39\n\x04Play\x12\x15.genie.v1.PlayRequest\x1a\x16.genie.v1.PlayResponse(\x01\x30\x01\x12\x36\n\x08GetWorld\x12\x19.genie.v1.GetWorldRequest\x1a\x0f.genie.v1.World\x12G\n\nListWorlds\x12\x1b.genie.v1.ListWorldsRequest\x1a\x1c.genie.v1.ListWorldsResponse\x12G\n\nCloseWorld\x12\x1b.genie.v1.CloseWorldRequest\x1a\x1c.genie.v1.CloseWorldResponse\x12G\n\nListModels\x12\x1b.genie.v1.ListModelsRequest\x1a\x1c.genie.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14genie/v1/world.proto\x12\x08genie.v1\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"M\n\x0bPromptImage\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.genie.v1.RawImageH\x00\x42\x08\n\x06source\"c\n\x0eSamplingParams\x12\x19\n\x11num_maskgit_steps\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x42\x0e\n\x0c_temperature\"\xa4\x01\n\x12\x43reateWorldRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06prompt\x18\x02 \x01(\x0b\x32\x15.genie.v1.PromptImage\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.genie.v1.SamplingParams\x12,\n\routput_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\"m\n\x05\x46rame\x12%\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\"U\n\x13\x43reateWorldResponse\x12\x1e\n\x05world\x18\x01 \x01(\x0b\x32\x0f.genie.v1.World\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\"\x89\x01\n\x10StepWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\x05\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x1a\n\rexpected_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"S\n\x11StepWorldResponse\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0c\n\x04step\x18\x03 \x01(\x04\"\x84\x01\n\x0bPlayRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\x05\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x1a\n\rexpected_step\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"N\n\x0cPlayResponse\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.genie.v1.Frame\x12\x0c\n\x04step\x18\x03 \x01(\x04\"#\n\x0fGetWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\"\xbd\x01\n\x05World\x12\x10\n\x08world_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.genie.v1.SamplingParams\x12,\n\routput_format\x18\x04 \x01(\x0e\x32\x15.genie.v1.FrameFormat\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x06 \x01(\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\r\"\x13\n\x11ListWorldsRequest\"5\n\x12ListWorldsResponse\x12\x1f\n\x06worlds\x18\x01 \x03(\x0b\x32\x0f.genie.v1.World\"%\n\x11\x43loseWorldRequest\x12\x10\n\x08world_id\x18\x01 \x01(\t\"\x14\n\x12\x43loseWorldResponse\"\x13\n\x11ListModelsRequest\"\xf0\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_actions\x18\x02 \x01(\r\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12!\n\x19\x64\x65\x66\x61ult_num_maskgit_steps\x18\x04 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\x05 \x01(\x02\x12\x16\n\x0ehistory_frames\x18\x06 \x01(\r\x12\x15\n\rwindow_frames\x18\x07 \x01(\r\x12\x10\n\x08versions\x18\x08 \x03(\r\x12\x16\n\x0elatest_version\x18\t \x01(\r\x12\x17\n\x0floaded_versions\x18\n \x03(\r\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.genie.v1.Model*[\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46RAME_FORMAT_RAW_RGB\x10\x01\x12\x14\n\x10\x46RAME_FORMAT_PNG\x10\x02\x32\xee\x03\n\x0cWorldService\x12J\n\x0b\x43reateWorld\x12\x1c.genie.v1.CreateWorldRequest\x1a\x1d.genie.v1.CreateWorldResponse\x12\x44\n\tStepWorld\x12\x1a.genie.v1.StepWorldRequest\x1a\x1b.genie.v1.StepWorldResponse\x12\x39\n\x04Play\x12\x15.genie.v1.PlayRequest\x1a\x16.genie.v1.PlayResponse(\x01\x30\x01\x12\x36\n\x08GetWorld\x12\x19.genie.v1.GetWorldRequest\x1a\x0f.genie.v1.World\x12G\n\nListWorlds\x12\x1b.genie.v1.ListWorldsRequest\x1a\x1c.genie.v1.ListWorldsResponse\x12G\n\nCloseWorld\x12\x1b.genie.v1.CloseWorldRequest\x1a\x1c.genie.v1.CloseWorldResponse\x12G\n\nListModels\x12\x1b.genie.v1.ListModelsRequest\x1a\x1c.genie.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genie.v1.world_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEFORMAT']._serialized_start=1670
-  _globals['_FRAMEFORMAT']._serialized_end=1761
+  _globals['_FRAMEFORMAT']._serialized_start=1760
+  _globals['_FRAMEFORMAT']._serialized_end=1851
   _globals['_RAWIMAGE']._serialized_start=34
   _globals['_RAWIMAGE']._serialized_end=88
   _globals['_PROMPTIMAGE']._serialized_start=90
@@ -56,21 +56,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETWORLDREQUEST']._serialized_start=1075
   _globals['_GETWORLDREQUEST']._serialized_end=1110
   _globals['_WORLD']._serialized_start=1113
-  _globals['_WORLD']._serialized_end=1279
-  _globals['_LISTWORLDSREQUEST']._serialized_start=1281
-  _globals['_LISTWORLDSREQUEST']._serialized_end=1300
-  _globals['_LISTWORLDSRESPONSE']._serialized_start=1302
-  _globals['_LISTWORLDSRESPONSE']._serialized_end=1355
-  _globals['_CLOSEWORLDREQUEST']._serialized_start=1357
-  _globals['_CLOSEWORLDREQUEST']._serialized_end=1394
-  _globals['_CLOSEWORLDRESPONSE']._serialized_start=1396
-  _globals['_CLOSEWORLDRESPONSE']._serialized_end=1416
-  _globals['_LISTMODELSREQUEST']._serialized_start=1418
-  _globals['_LISTMODELSREQUEST']._serialized_end=1437
-  _globals['_MODEL']._serialized_start=1440
-  _globals['_MODEL']._serialized_end=1613
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1615
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1668
-  _globals['_WORLDSERVICE']._serialized_start=1764
-  _globals['_WORLDSERVICE']._serialized_end=2258
+  _globals['_WORLD']._serialized_end=1302
+  _globals['_LISTWORLDSREQUEST']._serialized_start=1304
+  _globals['_LISTWORLDSREQUEST']._serialized_end=1323
+  _globals['_LISTWORLDSRESPONSE']._serialized_start=1325
+  _globals['_LISTWORLDSRESPONSE']._serialized_end=1378
+  _globals['_CLOSEWORLDREQUEST']._serialized_start=1380
+  _globals['_CLOSEWORLDREQUEST']._serialized_end=1417
+  _globals['_CLOSEWORLDRESPONSE']._serialized_start=1419
+  _globals['_CLOSEWORLDRESPONSE']._serialized_end=1439
+  _globals['_LISTMODELSREQUEST']._serialized_start=1441
+  _globals['_LISTMODELSREQUEST']._serialized_end=1460
+  _globals['_MODEL']._serialized_start=1463
+  _globals['_MODEL']._serialized_end=1703
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1705
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1758
+  _globals['_WORLDSERVICE']._serialized_start=1854
+  _globals['_WORLDSERVICE']._serialized_end=2348
 # @@protoc_insertion_point(module_scope)

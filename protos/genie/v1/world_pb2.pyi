@@ -129,20 +129,22 @@ class GetWorldRequest(_message.Message):
     def __init__(self, world_id: _Optional[str] = ...) -> None: ...
 
 class World(_message.Message):
-    __slots__ = ("world_id", "model", "sampling", "output_format", "step", "idle_seconds")
+    __slots__ = ("world_id", "model", "sampling", "output_format", "step", "idle_seconds", "model_version")
     WORLD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     world_id: str
     model: str
     sampling: SamplingParams
     output_format: FrameFormat
     step: int
     idle_seconds: float
-    def __init__(self, world_id: _Optional[str] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_format: _Optional[_Union[FrameFormat, str]] = ..., step: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+    model_version: int
+    def __init__(self, world_id: _Optional[str] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_format: _Optional[_Union[FrameFormat, str]] = ..., step: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ListWorldsRequest(_message.Message):
     __slots__ = ()
@@ -169,7 +171,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "history_frames", "window_frames")
+    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "history_frames", "window_frames", "versions", "latest_version", "loaded_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +179,9 @@ class Model(_message.Message):
     DEFAULT_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FRAMES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_actions: int
     image_size: int
@@ -184,7 +189,10 @@ class Model(_message.Message):
     default_temperature: float
     history_frames: int
     window_frames: int
-    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., history_frames: _Optional[int] = ..., window_frames: _Optional[int] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    latest_version: int
+    loaded_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., history_frames: _Optional[int] = ..., window_frames: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -90,7 +90,9 @@ class WorldServiceServicer(object):
 
     def CreateWorld(self, request, context):
         """Starts a world from a prompt image and returns its first frame (the prompt as the model sees it).
-        INVALID_ARGUMENT for an unreadable, empty or too large image; NOT_FOUND for an unknown model;
+        The world plays the model version it was created on until it closes, whatever is published meanwhile.
+        INVALID_ARGUMENT for an unreadable, empty or too large image, or a malformed model reference;
+        NOT_FOUND for an unknown model or version (the message lists what exists);
         RESOURCE_EXHAUSTED when the gateway already holds its maximum number of worlds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -141,7 +143,7 @@ class WorldServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models worlds can be created with, with their action counts and defaults.
+        """Lists the models worlds can be created with, with their action counts, defaults and published versions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,124 @@
+"""A model service started with --catalog: published versions of its world model bound and unbound at run time.
+
+Each version's Triton models get versioned names (`dynamics_step_v3`, protocol.versioned), so worlds on an old
+version keep playing beside new ones in the same process. Gateways ask through the `control` model; the work
+(download, load, bind) runs on the service's main thread, which also watches that Triton stays alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+from pytriton.client.utils import create_client_from_url
+from pytriton.exceptions import PyTritonBadParameterError
+from pytriton.model_config import Tensor
+from pytriton.proxy.types import Request
+from pytriton.triton import Triton
+
+from services.triton import protocol
+from services.triton.batching import UNBATCHED, Binding
+
+logger = logging.getLogger("genie.triton")
+
+
+class ControlQueue:
+    """Hands control requests from PyTriton's threads to the main thread and waits for their answers."""
+
+    def __init__(self):
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+
+    def call(self, work: Callable[[], object]) -> object:
+        done: Future = Future()
+        self._commands.put((work, done))
+        return done.result(timeout=protocol.CONTROL_TIMEOUT_S)
+
+    def run_next(self, timeout_s: float) -> None:
+        """Runs one queued request, or returns after timeout_s without one."""
+        try:
+            work, done = self._commands.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        try:
+            done.set_result(work())
+        except Exception as error:  # noqa: BLE001 - the caller gets it as its request's error
+            done.set_exception(error)
+
+
+class VersionHost:
+    """The loaded versions of one service kind and who holds them. Called on the main thread only.
+
+    load_bindings(version) -> the version's Bindings (it fetches the version from the catalog and loads it)."""
+
+    def __init__(self, kind: str, triton: Triton, load_bindings: Callable[[int], list[Binding]]):
+        self.kind, self.triton, self.load_bindings = kind, triton, load_bindings
+        self.bound: dict[int, list[str]] = {}  # version -> its Triton model names
+        self.holders: dict[int, set[str]] = {}
+
+    def load(self, version: int, holder: str) -> None:
+        if version not in self.bound:
+            names: list[str] = []
+            try:
+                for binding in self.load_bindings(version):
+                    name = protocol.versioned(binding.name, version)
+                    self.triton.bind(model_name=name, infer_func=binding.infer, inputs=binding.inputs,
+                                     outputs=binding.outputs, config=binding.config, strict=True)
+                    names.append(name)
+            except BaseException:  # all or nothing, so a retried load binds the same names again
+                for name in names:
+                    unbind(self.triton, name)
+                raise
+            self.bound[version] = names
+            logger.info("%s service loaded version %d", self.kind, version)
+        self.holders.setdefault(version, set()).add(holder)
+
+    def unload(self, version: int, holder: str) -> None:
+        """Unbinds the version once no holder is left."""
+        holders = self.holders.get(version, set())
+        holders.discard(holder)
+        if holders or version not in self.bound:
+            return
+        for name in self.bound.pop(version):
+            unbind(self.triton, name)
+        self.holders.pop(version, None)
+        logger.info("%s service unloaded version %d", self.kind, version)
+
+    def apply(self, command: dict) -> list[int]:
+        action, version, holder = command.get("action"), command.get("version"), command.get("holder")
+        if action not in ("load", "unload") or not isinstance(version, int) or version < 1 or not holder:
+            raise PyTritonBadParameterError('control takes {"action": "load"|"unload", "version": N >= 1, '
+                                            f'"holder": ID}}, got {command}')
+        (self.load if action == "load" else self.unload)(version, str(holder))
+        return sorted(self.bound)
+
+
+def unbind(triton: Triton, name: str) -> None:
+    """Unloads one bound model. PyTriton has no public unbind: this does what its own shutdown does for each model
+    (forget it first, so the serving loop's liveness check skips it; stop its proxy; unload it in the server)."""
+    manager = triton._model_manager  # noqa: SLF001 - see the docstring
+    model = next(model for key, model in list(manager._models.items()) if key[0] == name.lower())  # noqa: SLF001
+    manager._models.pop((name.lower(), model.model_version))  # noqa: SLF001
+    model.clean()
+    with contextlib.closing(create_client_from_url(manager._triton_url)) as client:  # noqa: SLF001
+        client.unload_model(name, headers=manager._headers)  # noqa: SLF001 - PyTriton's access token
+
+
+def control_binding(controls: ControlQueue, host: VersionHost) -> Binding:
+    def answer(requests: list[Request]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for request in requests:
+            try:
+                command = json.loads(bytes(request["command"].reshape(-1)[0]))
+            except ValueError as error:
+                raise PyTritonBadParameterError(f"control command is not JSON: {error}") from error
+            loaded = controls.call(lambda: host.apply(command))
+            results.append({"loaded": np.array([json.dumps({"loaded": loaded}).encode()], dtype=object)})
+        return results
+
+    return Binding(protocol.CONTROL, answer, [Tensor(name="command", dtype=bytes, shape=(1,))],
+                   [Tensor(name="loaded", dtype=bytes, shape=(1,))], UNBATCHED)

@@ -1,0 +1,266 @@
+"""A version published to the model catalog (on a real SeaweedFS S3 server) reaches new worlds without a restart,
+while worlds already playing keep theirs until they close; on both backends (the triton one with real services).
+
+8 worlds play on version 1, version 2 is published, and they step on bit-identically to twins that never saw
+the publish; a new world plays version 2; `name@1` still works; once the last version-1 world closes, version 1
+is unloaded (gateway listing and metric, and the backend itself: the in-process models or the Triton models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from genie.v1 import world_pb2 as pb
+from genie.v1 import world_pb2_grpc
+from services.gateway.server import GatewayRuntime
+from services.settings import StoreSettings
+from services.stores import open_store
+from services.stores.catalog import ModelCatalog
+from services.triton import protocol
+from tests.services.conftest import gateway_settings, tiny_world_model
+from services.triton.stack import ServiceStack
+from tests.services.helpers import (MAX_WORLDS, MODEL_NAME, create_request, free_port, open_channel, pixels_of,
+                                   png_prompt, wait_serving)
+from tests.services import jobs_servers
+from tests.services.jobs_servers import S3Server
+from tests.services.triton_stack import running_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+s3_server = jobs_servers.s3_server  # the suite's SeaweedFS fixture, used here
+
+WORLDS = 8
+ACTIONS = [1, 3, 0, 2, 1, 3]  # steps before the publish: the first half; after it: the second
+POLL_S = 0.5
+# The `genie` command with torch made unimportable (an import of it raises ImportError).
+WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from genie_models.cli import main; main(sys.argv[1:])"
+
+
+def store_settings(server: S3Server, bucket: str, cache_dir: Path) -> dict[str, str]:
+    return server.env(bucket=bucket, GENIE_STORE_CACHE_DIR=str(cache_dir), GENIE_STORE_RETRY_S="5")
+
+
+def open_catalog(environment: dict[str, str]) -> ModelCatalog:
+    settings = StoreSettings(**{key.removeprefix("GENIE_STORE_").lower(): value for key, value in environment.items()})
+    return ModelCatalog(open_store(settings), Path(settings.cache_dir))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """Version 1 is the suite's tiny world; version 2 the same shape from another seed (other weights)."""
+    directories = {}
+    for version, seed in ((1, 0), (2, 1)):
+        directories[version] = tmp_path_factory.mktemp(f"world-v{version}")
+        tiny_world_model(seed=seed).save(directories[version], step=version)
+    return directories
+
+
+@pytest.fixture
+def catalog_environment(s3_server, tmp_path) -> dict[str, str]:
+    """A fresh bucket per test, so each starts with nothing published."""
+    return store_settings(s3_server, "versions-" + secrets.token_hex(4), tmp_path / "model-cache")
+
+
+def create(stub, seed: int, model: str = MODEL_NAME) -> pb.CreateWorldResponse:
+    return stub.CreateWorld(create_request(seed=seed, prompt=png_prompt(seed=seed), model=model), timeout=60)
+
+
+def step(stub, world_id: str, action: int) -> np.ndarray:
+    return pixels_of(stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=action), timeout=60).frame)
+
+
+def play(stub, world_ids: list[str], actions: list[int]) -> dict[str, list[np.ndarray]]:
+    """Steps every world through actions, all worlds' steps of one round in flight at once (one batch)."""
+    frames: dict[str, list[np.ndarray]] = {world_id: [] for world_id in world_ids}
+    for action in actions:
+        calls = {world_id: stub.StepWorld.future(pb.StepWorldRequest(world_id=world_id, action=action), timeout=60)
+                 for world_id in world_ids}
+        for world_id, call in calls.items():
+            frames[world_id].append(pixels_of(call.result().frame))
+    return frames
+
+
+def listed(stub) -> pb.Model:
+    [model] = [model for model in stub.ListModels(pb.ListModelsRequest()).models if model.name == MODEL_NAME]
+    return model
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def metric_lines(metrics_port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        return [line for line in response.read().decode().splitlines() if line.startswith("genie_model_")]
+
+
+def loaded_metric(version: int) -> str:
+    return f'genie_model_version_loaded{{model="{MODEL_NAME}",version="{version}"}} 1.0'
+
+
+def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code(), error.value.details()
+
+
+def publish_while_worlds_play(port: int, metrics_port: int, catalog: ModelCatalog, checkpoints: dict[int, Path],
+                              backend_has: Callable[[int], bool]) -> None:
+    """The scenario, on a running gateway that serves MODEL_NAME from the catalog (version 1 published)."""
+    channel = open_channel(port)
+    stub = world_pb2_grpc.WorldServiceStub(channel)
+    with contextlib.closing(channel):
+        wait_for(lambda: MODEL_NAME in [model.name for model in stub.ListModels(pb.ListModelsRequest()).models],
+                 "version 1 loaded", timeout_s=120)
+        model = listed(stub)
+        assert (list(model.versions), model.latest_version, list(model.loaded_versions)) == ([1], 1, [1])
+
+        # Twins: the same worlds played start to end before anything else is published.
+        twins = [create(stub, seed) for seed in range(WORLDS)]
+        twin_frames = play(stub, [twin.world.world_id for twin in twins], ACTIONS)
+        for twin in twins:
+            stub.CloseWorld(pb.CloseWorldRequest(world_id=twin.world.world_id))
+
+        worlds = [create(stub, seed) for seed in range(WORLDS)]
+        ids = [world.world.world_id for world in worlds]
+        assert all(world.world.model_version == 1 for world in worlds)
+        assert all(np.array_equal(pixels_of(world.frame), pixels_of(twin.frame)) for world, twin in zip(worlds, twins))
+        before = play(stub, ids, ACTIONS[:3])
+
+        catalog.publish(MODEL_NAME, checkpoints[2])
+        took = wait_for(lambda: listed(stub).latest_version == 2, "version 2 served to new worlds")
+        assert took < 30, f"version 2 reached new worlds only after {took:.1f} s"
+        assert list(listed(stub).loaded_versions) == [1, 2] and backend_has(1) and backend_has(2)
+        assert loaded_metric(1) in metric_lines(metrics_port) and loaded_metric(2) in metric_lines(metrics_port)
+
+        after = play(stub, ids, ACTIONS[3:])
+        for index, world_id in enumerate(ids):  # bit-identical to a twin that never saw version 2
+            assert all(np.array_equal(a, b) for a, b in zip(before[world_id] + after[world_id], twin_frames[twins[index].world.world_id]))
+            assert stub.GetWorld(pb.GetWorldRequest(world_id=world_id)).model_version == 1
+
+        newcomer = create(stub, seed=0)  # the bare name: the latest version now
+        assert (newcomer.world.model, newcomer.world.model_version) == (MODEL_NAME, 2)
+        new_frames = [step(stub, newcomer.world.world_id, action) for action in ACTIONS[:3]]
+        old_frames = twin_frames[twins[0].world.world_id][:3]
+        assert not all(np.array_equal(a, b) for a, b in zip(new_frames, old_frames)), "version 2 plays like 1"
+
+        pinned = create(stub, seed=0, model=f"{MODEL_NAME}@1")  # an explicit older version, while loaded
+        assert pinned.world.model_version == 1
+        assert np.array_equal(step(stub, pinned.world.world_id, ACTIONS[0]), old_frames[0])
+
+        code, details = status_of(lambda: create(stub, seed=0, model=f"{MODEL_NAME}@9"))
+        assert code == grpc.StatusCode.NOT_FOUND and "no version 9" in details and "1, 2" in details
+        code, details = status_of(lambda: create(stub, seed=0, model=f"{MODEL_NAME}@latest"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "name@N" in details
+
+        for world_id in [*ids, pinned.world.world_id]:
+            stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+        wait_for(lambda: list(listed(stub).loaded_versions) == [2], "version 1 unloaded after its last world")
+        wait_for(lambda: not backend_has(1), "version 1 freed in the backend")
+        assert backend_has(2) and loaded_metric(1) not in metric_lines(metrics_port)
+        assert loaded_metric(2) in metric_lines(metrics_port)
+        assert step(stub, newcomer.world.world_id, ACTIONS[3]).shape == old_frames[0].shape  # v2 plays on
+
+
+@contextlib.contextmanager
+def catalog_gateway(overrides: dict, catalog: ModelCatalog) -> Iterator[GatewayRuntime]:
+    settings = gateway_settings(overrides | {"catalog_models": [MODEL_NAME], "catalog_poll_s": POLL_S})
+    runtime = GatewayRuntime(settings, catalog=catalog).start()
+    try:
+        yield runtime
+    finally:
+        runtime.stop(grace_s=1.0)
+
+
+def test_inprocess_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkpoints, catalog_environment):
+    catalog = open_catalog(catalog_environment)
+    catalog.publish(MODEL_NAME, checkpoints[1])
+    with catalog_gateway({"backend": "inprocess"}, catalog) as runtime:
+        publish_while_worlds_play(runtime.port, runtime.metrics_server.port, catalog, checkpoints,
+                                  lambda version: f"{MODEL_NAME}@{version}" in runtime.backend._models)
+
+
+@contextlib.contextmanager
+def torch_free_gateway(stack: ServiceStack, store_environment: dict[str, str], log: Path) -> Iterator[tuple[int, int]]:
+    """`genie serve gateway` with the triton backend in its own process, where `import torch` fails (issue 10):
+    any torch import on its paths (start-up, prompts, versions, steps) would fail the scenario."""
+    port, metrics_port = free_port(), free_port()
+    environment = os.environ | stack.gateway_environment() | store_environment | {
+        "GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_AUTH": "none", "GENIE_GATEWAY_CATALOG_POLL_S": str(POLL_S),
+        "GENIE_GATEWAY_MAX_WORLDS": str(MAX_WORLDS), "GENIE_GATEWAY_BATCH_WINDOW_MS": "5"}
+    process = subprocess.Popen([sys.executable, "-c", WITHOUT_TORCH, "serve", "gateway", "--port", str(port),
+                                "--metrics-port", str(metrics_port)], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    try:
+        wait_serving(port, describe=lambda: log.read_text(errors="replace")[-3000:])
+        yield port, metrics_port
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "import of torch halted" not in log.read_text(errors="replace")
+
+
+def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkpoints, catalog_environment, tmp_path):
+    catalog = open_catalog(catalog_environment)
+    catalog.publish(MODEL_NAME, checkpoints[1])
+    with running_stack(None, MODEL_NAME, environment=catalog_environment) as stack:
+        def served_by_triton(version: int) -> bool:
+            """Whether every service has the version's models loaded, as Triton itself reports."""
+            names = {kind: [protocol.versioned(name, version) for name in protocol.MODELS_BY_KIND[kind]]
+                     for kind in protocol.SERVICE_KINDS}
+            ready = []
+            for kind, service in stack.services.items():
+                with contextlib.closing(grpcclient.InferenceServerClient(service.url)) as client:
+                    for name in names[kind]:
+                        try:
+                            ready.append(client.is_model_ready(name))
+                        except InferenceServerException:  # unknown model
+                            ready.append(False)
+            assert all(ready) or not any(ready), f"version {version} half loaded: {ready}"
+            return all(ready)
+
+        with torch_free_gateway(stack, catalog_environment, tmp_path / "gateway.log") as (port, metrics_port):
+            publish_while_worlds_play(port, metrics_port, catalog, checkpoints, served_by_triton)
+
+
+def test_a_restarted_gateway_resumes_worlds_on_their_version(checkpoints, catalog_environment, redis_url):
+    """The redis world store keeps each world's `name@version`: a new gateway, whose latest is version 2, plays the
+    version-1 world on version 1 (loading it on demand) and it continues as if nothing happened."""
+    catalog = open_catalog(catalog_environment)
+    catalog.publish(MODEL_NAME, checkpoints[1])
+    overrides = {"backend": "inprocess", "world_store": "redis", "redis_url": redis_url,
+                 "world_store_prefix": f"versions{time.monotonic_ns()}:"}
+    with catalog_gateway(overrides, catalog) as runtime, contextlib.closing(open_channel(runtime.port)) as channel:
+        stub = world_pb2_grpc.WorldServiceStub(channel)
+        twin, world = create(stub, seed=3), create(stub, seed=3)
+        twin_frames = [step(stub, twin.world.world_id, action) for action in ACTIONS]
+        first_half = [step(stub, world.world.world_id, action) for action in ACTIONS[:3]]
+    catalog.publish(MODEL_NAME, checkpoints[2])
+    with catalog_gateway(overrides, catalog) as runtime, contextlib.closing(open_channel(runtime.port)) as channel:
+        stub = world_pb2_grpc.WorldServiceStub(channel)
+        assert listed(stub).latest_version == 2
+        assert stub.GetWorld(pb.GetWorldRequest(world_id=world.world.world_id)).model_version == 1
+        second_half = [step(stub, world.world.world_id, action) for action in ACTIONS[3:]]
+        assert all(np.array_equal(a, b) for a, b in zip(first_half + second_half, twin_frames))
+        assert list(listed(stub).loaded_versions) == [1, 2]
+        for world_id in (world.world.world_id, twin.world.world_id):
+            stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+        wait_for(lambda: list(listed(stub).loaded_versions) == [2], "version 1 unloaded after its last world")
