@@ -315,8 +315,8 @@ class Gateway:
     def close(self) -> None:
         """Stops the reaper and batchers (finishing queued steps); backend and store are closed by their owner."""
         self._reaper.stop()
-        if self._poller is not None:
-            self._poller.stop()
+        if self._poller is not None:  # a version load in flight (up to minutes) must not hold up a shutdown
+            self._poller.stop(timeout_s=1.0)
         with self._batchers_lock:
             batchers = list(self._batchers.values())
         for batcher in batchers:

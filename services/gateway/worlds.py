@@ -187,7 +187,7 @@ class Reaper:
         while not self._stop.wait(self._interval_s):
             self._evict()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout_s)
