@@ -111,6 +111,9 @@ class DynamicsModel(nn.Module):
                            if config.copy_previous_token and not pointer else None)
         self.copy_offsets = _window_offsets(*config.copy_window) if pointer else None
         self.copy_head = nn.Linear(config.d_model, len(self.copy_offsets) + 1) if pointer else None
+        # Which position each pointer offset reads from, fixed by the config: built once, not per MaskGIT pass.
+        self.register_buffer("neighbour_index", _neighbour_index(math.isqrt(config.tokens_per_frame), self.copy_offsets)
+                             if pointer else None, persistent=False)
         if self.copy_head is not None:
             # Starts near "copy the same position" (~1/2), "generate" (~1/5), each neighbour ~1/40.
             nn.init.zeros_(self.copy_head.weight)
@@ -145,9 +148,7 @@ class DynamicsModel(nn.Module):
 
     def _neighbours(self, previous_tokens: torch.Tensor) -> torch.Tensor | None:
         """previous_tokens [B, T, S] -> the pointer's candidates [B, T, S, O] (None without a pointer)."""
-        if self.copy_offsets is None:
-            return None
-        return _shifted_tokens(previous_tokens, math.isqrt(self.config.tokens_per_frame), self.copy_offsets)
+        return None if self.neighbour_index is None else previous_tokens[..., self.neighbour_index]
 
     def use_codebook(self, code_vectors: torch.Tensor) -> None:
         """The tokenizer's code vectors [num_codes, code_dim], as its decoder sees them."""
@@ -225,17 +226,15 @@ def _window_offsets(rows: int, columns: int) -> list[tuple[int, int]]:
     return [(dr, dc) for dr in range(-rows, rows + 1) for dc in range(-columns, columns + 1)]
 
 
-def _shifted_tokens(tokens: torch.Tensor, grid: int, offsets: list[tuple[int, int]]) -> torch.Tensor:
-    """tokens [B, T, S] on a grid*grid frame -> [B, T, S, O]: for each position, the token at (row + dr,
-    column + dc) for every offset, clamped at the frame's edges."""
-    index = torch.arange(grid, device=tokens.device)
-    gathered = []
+def _neighbour_index(grid: int, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """[S, O]: for each position of a grid*grid frame, the position at (row + dr, column + dc) for every
+    offset, clamped at the frame's edges."""
+    index = torch.arange(grid)
+    sources = []
     for dr, dc in offsets:
-        rows = (index + dr).clamp(0, grid - 1)
-        cols = (index + dc).clamp(0, grid - 1)
-        source = (rows[:, None] * grid + cols[None, :]).flatten()  # [S]
-        gathered.append(tokens[..., source])
-    return torch.stack(gathered, dim=-1)
+        rows, cols = (index + dr).clamp(0, grid - 1), (index + dc).clamp(0, grid - 1)
+        sources.append((rows[:, None] * grid + cols[None, :]).flatten())
+    return torch.stack(sources, dim=-1)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
