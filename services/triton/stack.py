@@ -29,11 +29,13 @@ from services.triton import protocol
 
 logger = logging.getLogger("genie.stack")
 
+START_ATTEMPTS = 3  # a service that exits while starting (a port taken meanwhile, memory) is started again
 READY_TIMEOUT_S = 300.0  # Triton loads each Python-backend model in seconds; a loaded machine took over 120 s
 STOP_TIMEOUT_S = 45.0  # a graceful Triton stop takes ~5 s; a loaded machine needed over 20 s (measured)
 # Fixed layout of `genie serve stack`: dynamics on base+0..2, tokenizer base+10..12, lam base+20..22
 # (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
 PORT_OFFSETS = {"dynamics": 0, "tokenizer": 10, "lam": 20}
+SHARED_MEMORY = Path("/dev/shm")
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
 
 
@@ -107,9 +109,23 @@ def kill_group(process: subprocess.Popen) -> None:
     """SIGKILLs what is left of an exited child's process group: a Triton service's tritonserver and its
     Python-backend stubs outlive a SIGKILLed service for seconds (their parent-death signal is a graceful
     SIGTERM), holding its ports and accepting requests nobody answers. The group id stays ours while any
-    member lives, so this cannot hit an unrelated process."""
+    member lives, so this cannot hit an unrelated process. Then frees the shared memory it left behind."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    release_shared_memory(process.pid)
+
+
+def release_shared_memory(pid: int, root: Path = SHARED_MEMORY) -> int:
+    """Deletes the PyTriton tensor-store segments (/dev/shm/pytrtion<pid>-*) of a service that died: a
+    graceful stop deletes them, a SIGKILL leaves 16-20 MB per service in RAM-backed /dev/shm, which fills
+    a container's 64 MB default after a few crashes and then no service can start (measured: 4-5 segments
+    of 4 MiB per killed service). Call only once pid has exited. Returns how many were deleted."""
+    released = 0
+    for segment in root.glob(f"pytrtion{pid}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            segment.unlink()
+            released += 1
+    return released
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,10 @@ class ServiceOptions:
     workspace_root: Path | None = None
     torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
     environment: dict[str, str] = field(default_factory=dict)  # more variables, e.g. GENIE_STORE_* for a catalog
+
+
+class ServiceExited(RuntimeError):
+    """A service process ended while we waited for it to become ready."""
 
 
 class TritonService:
@@ -172,7 +192,8 @@ class TritonService:
         with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.kind} service exited ({self.process.returncode}){self._log_hint()}")
+                    kill_group(self.process)
+                    raise ServiceExited(f"{self.kind} service exited ({self.process.returncode}){self._log_hint()}")
                 with contextlib.suppress(InferenceServerException):
                     if client.is_server_ready() and all(client.is_model_ready(name) for name in self.ready_models):
                         return
@@ -219,6 +240,21 @@ class TritonService:
         return f":\n{self.log_tail()}" if self.log_path else " (its log is above)"
 
 
+def wait_ready_or_restart(service: TritonService, timeout_s: float = READY_TIMEOUT_S,
+                          attempts: int = START_ATTEMPTS) -> None:
+    """Waits for a started service; one that exits meanwhile is started again (after 1 s, 2 s, ...) until it
+    has been started `attempts` times, then ServiceExited is raised with its log."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return service.wait_ready(timeout_s)
+        except ServiceExited as exited:
+            if attempt == attempts:
+                raise
+            logger.warning("%s; starting it again (attempt %d of %d)", exited, attempt + 1, attempts)
+            time.sleep(attempt)
+            service.start()
+
+
 class ServiceStack:
     """The tokenizer, lam and dynamics services of one world model, started and stopped together.
 
@@ -237,16 +273,18 @@ class ServiceStack:
                                              Path(log_dir) / f"{kind}.log" if log_dir else None)
                          for kind in protocol.SERVICE_KINDS}
 
-    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "ServiceStack":
+    def start(self, timeout_s: float = READY_TIMEOUT_S, attempts: int = START_ATTEMPTS) -> "ServiceStack":
+        """Starts every service; one that exits while starting is started again, up to `attempts` times."""
         for service in self.services.values():  # start all first: they load in parallel
             service.start()
         try:
             for service in self.services.values():
-                service.wait_ready(timeout_s)
+                wait_ready_or_restart(service, timeout_s, attempts)
         except BaseException:  # not ready, or interrupted while waiting: leave no process behind
             self.stop()
             raise
         return self
+
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int | None]:
         """Stops all at once (each takes seconds to unload its models); returns each one's exit code."""

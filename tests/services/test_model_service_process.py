@@ -11,12 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from services.triton.serve import children_named, process_alive
-from services.triton.stack import ServicePorts
+from services.triton.stack import ServiceExited, ServicePorts, wait_ready_or_restart
 from tests.services.helpers import MODEL_NAME
 from tests.services.triton_stack import lone_service
 
@@ -74,3 +75,36 @@ def test_service_exits_non_zero_when_its_tritonserver_dies(world_checkpoint, tmp
     finally:
         service.stop()
     assert not process_alive(server)
+
+
+def test_a_service_that_exits_while_starting_is_started_again(world_checkpoint, tmp_path):
+    """Its port is held at first (so it exits after --port-wait-s) and freed once it has exited."""
+    service = lone_service("lam", world_checkpoint, MODEL_NAME, tmp_path, max_worlds=2)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", service.ports.grpc))
+    holder.listen()
+
+    def free_the_port_once_it_exited() -> None:
+        service.process.wait(timeout=300)
+        holder.close()
+
+    service.start()
+    first = service.process
+    watcher = threading.Thread(target=free_the_port_once_it_exited)
+    watcher.start()
+    try:
+        wait_ready_or_restart(service, timeout_s=300, attempts=2)
+        assert first.returncode == 1 and service.process is not first
+        assert "still in use" in service.log_tail(400)
+    finally:
+        watcher.join(timeout=300)
+        holder.close()
+        service.stop()
+
+
+def test_a_service_that_keeps_exiting_while_starting_is_given_up_with_its_log(tmp_path):
+    service = lone_service("lam", tmp_path / "missing-world", MODEL_NAME, tmp_path, max_worlds=2)
+    service.start()
+    with pytest.raises(ServiceExited, match="missing-world"):
+        wait_ready_or_restart(service, timeout_s=300, attempts=2)
+    assert service.log_tail(400).count("cannot serve, exiting with status 1") == 2

@@ -25,6 +25,7 @@ from genie.v1 import world_pb2 as pb
 from genie_models import World
 from genie_models.world_model import WorldModel
 from services.client import connect
+from services.triton.stack import SHARED_MEMORY
 from tests.services.conftest import tiny_world_model
 from tests.services.helpers import MODEL_NAME, create_request, free_port, picture, pixels_of, png_prompt
 
@@ -67,14 +68,22 @@ def still_running(processes: dict[int, str]) -> list[int]:
     return alive
 
 
-def wait_for_gateway(stub, server: subprocess.Popen) -> None:
+def exited(server: subprocess.Popen, log_path: Path) -> str:
+    """Why the stack is gone: its exit code and the end of its log (each service's output), Triton's info
+    lines left out so that the error survives a truncated CI log."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if not re.match(r"[IW]\d{4} ", line)]
+    tail = "\n".join(lines[-40:])
+    return f"genie serve stack exited with {server.returncode}; the end of its log:\n{tail}"
+
+
+def wait_for_gateway(stub, server: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
             stub.ListModels(pb.ListModelsRequest(), timeout=2)
             return
         except grpc.RpcError:
-            assert server.poll() is None, f"genie serve stack exited with {server.returncode}"
+            assert server.poll() is None, exited(server, log_path)
             assert time.monotonic() < deadline, f"the stack was not serving after {START_TIMEOUT_S} s"
             time.sleep(0.5)
 
@@ -157,10 +166,11 @@ def twin_frames(model: WorldModel, player: Player) -> list[np.ndarray]:
     return [world.reset(picture(40, 30, player.index))] + [world.step(action) for action in player.actions]
 
 
-def wait_until(condition, what: str, server: subprocess.Popen, timeout_s: float = RETRY_WINDOW_S) -> None:
+def wait_until(condition, what: str, server: subprocess.Popen, log_path: Path,
+               timeout_s: float = RETRY_WINDOW_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert server.poll() is None, f"genie serve stack exited with {server.returncode}"
+        assert server.poll() is None, exited(server, log_path)
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
@@ -180,7 +190,7 @@ def test_serve_stack_restarts_killed_services_and_every_world_plays_on_like_its_
     try:
         channel, stub = connect(f"127.0.0.1:{port}")
         with channel:
-            wait_for_gateway(stub, server)
+            wait_for_gateway(stub, server, log_path)
             threads = [threading.Thread(target=player.play, args=(stub,)) for player in players]
             for thread in threads:
                 thread.start()
@@ -188,21 +198,28 @@ def test_serve_stack_restarts_killed_services_and_every_world_plays_on_like_its_
             def progress() -> int:
                 return min(len(player.frames) if player.error is None else NUM_STEPS + 1 for player in players)
 
+            killed: list[int] = []
             for number, kind in enumerate(KILLS):
                 moved_on = progress() + 2
-                wait_until(lambda: progress() >= moved_on, f"the worlds to step on before kill {number + 1}", server)
+                wait_until(lambda: progress() >= moved_on, f"the worlds to step on before kill {number + 1}",
+                           server, log_path)
                 # Worlds progress unevenly: a kill must still find most of them mid-play.
                 finished = sum(len(player.frames) > NUM_STEPS for player in players)
                 assert finished <= NUM_WORLDS // 2, f"{finished} of {NUM_WORLDS} worlds finished before kill {number + 1}"
-                os.kill(service_pid(server.pid, kind), signal.SIGKILL)
+                killed.append(service_pid(server.pid, kind))
+                assert list(SHARED_MEMORY.glob(f"pytrtion{killed[-1]}-*")), "PyTriton's segments are named by pid"
+                os.kill(killed[-1], signal.SIGKILL)
                 killed_so_far = KILLS[:number + 1].count(kind)
-                wait_until(lambda: restarts(metrics_port).get(kind, 0) >= killed_so_far, f"{kind} restarted", server)
+                wait_until(lambda: restarts(metrics_port).get(kind, 0) >= killed_so_far, f"{kind} restarted",
+                           server, log_path)
             for thread in threads:
                 thread.join(timeout=RETRY_WINDOW_S * 2)
             assert not any(thread.is_alive() for thread in threads), "a world is still stepping"
         errors = {player.index: repr(player.error) for player in players if player.error is not None}
         assert not errors, f"worlds failed: {errors}"
         assert restarts(metrics_port) == {"dynamics": 2.0, "tokenizer": 1.0}
+        leaked = [segment.name for pid in killed for segment in SHARED_MEMORY.glob(f"pytrtion{pid}-*")]
+        assert not leaked, f"a SIGKILLed service's shared memory was not released: {leaked}"
         unavailable = sorted(seconds for player in players for seconds in player.unavailable_s)
         print(f"retries {sum(player.retries for player in players)}, UNAVAILABLE answers {len(unavailable)}, "
               f"slowest {max(unavailable, default=0):.2f} s")
