@@ -104,7 +104,7 @@ def recompute_step(world: WorldModel, tokens: torch.Tensor, actions: torch.Tenso
     uniforms = torch.rand(1, config.num_maskgit_steps, tokens.shape[2], device=tokens.device)
     temperature = torch.full((1,), config.temperature, device=tokens.device)
     frame = maskgit_sample(
-        lambda new: world.dynamics(torch.cat([tokens, new[:, None]], dim=1), history_actions)[:, -1],
+        lambda new: world.dynamics.sampling_logits(torch.cat([tokens, new[:, None]], dim=1), history_actions)[:, -1],
         config.mask_id, config.num_maskgit_steps, temperature, uniforms)
     window = torch.cat([tokens, frame[:, None]], dim=1)[:, -config.context_frames:]
     grid = world.tokenizer.config.grid_size

@@ -158,8 +158,27 @@ class DynamicsModel(nn.Module):
                         previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """What sampling draws from: forward's logits, or with expected_code_decoding scores that rank
         codes by closeness to the expected code vector (argmax: the nearest code)."""
-        logits = self(tokens, actions, cache, previous_tokens)
-        return logits if self.code_vectors is None else expected_code_scores(logits, self.code_vectors)
+        if self.code_vectors is None:
+            return self(tokens, actions, cache, previous_tokens)
+        if previous_tokens is None:
+            previous_tokens = self._predecessors(tokens)
+        hidden = self._hidden(tokens, actions, cache)
+        if self.copy_head is None:
+            expected = self._output(hidden, previous_tokens, None).float().softmax(dim=-1) @ self.code_vectors
+        else:
+            expected = self._expected_pointer_code(hidden, previous_tokens, self._neighbours(previous_tokens))
+        return code_similarity_scores(expected, self.code_vectors)
+
+    def _expected_pointer_code(self, hidden: torch.Tensor, previous: torch.Tensor,
+                               neighbours: torch.Tensor) -> torch.Tensor:
+        """The pointer mixture's expected code vector [..., code_dim], summed over its parts (generate, and
+        each pointed-at neighbour) rather than over a mixed vocabulary-sized distribution: the same vector,
+        without building and normalising [..., V] mixtures on every MaskGIT pass."""
+        mix = self.copy_head(hidden).float().softmax(dim=-1)  # [..., O + 1], the last: generate
+        generated = self._head(hidden).float().softmax(dim=-1) @ self.code_vectors
+        pointed = (mix[..., :-1, None] * self.code_vectors[neighbours.clamp_max(self.config.num_codes - 1)]).sum(-2)
+        known = (previous != self.config.mask_id)[..., None]
+        return torch.where(known, mix[..., -1:] * generated + pointed, generated)
 
     def _predecessors(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, S] -> each frame's predecessor's tokens, mask_id (none) for the first frame."""
@@ -218,8 +237,13 @@ class DynamicsModel(nn.Module):
 def expected_code_scores(logits: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
     """logits [..., V] -> scores [..., V]: each code's cosine similarity to the probability-weighted mean
     code vector (code_vectors [V, D]), scaled by EXPECTED_CODE_SHARPNESS."""
-    expected = F.normalize(logits.float().softmax(dim=-1) @ code_vectors, dim=-1)
-    return EXPECTED_CODE_SHARPNESS * expected @ F.normalize(code_vectors, dim=-1).T
+    return code_similarity_scores(logits.float().softmax(dim=-1) @ code_vectors, code_vectors)
+
+
+def code_similarity_scores(expected: torch.Tensor, code_vectors: torch.Tensor) -> torch.Tensor:
+    """expected code vectors [..., D] -> each code's cosine similarity to them [..., V], scaled by
+    EXPECTED_CODE_SHARPNESS."""
+    return EXPECTED_CODE_SHARPNESS * F.normalize(expected, dim=-1) @ F.normalize(code_vectors, dim=-1).T
 
 
 def _window_offsets(rows: int, columns: int) -> list[tuple[int, int]]:

@@ -102,7 +102,7 @@ def test_an_untrained_model_already_prefers_the_previous_frames_token(dynamics_c
     tokens = torch.cat([previous, masked], dim=1)
     logits = model(tokens, torch.tensor([[dynamics_config.no_action_id, 0]]))[:, -1]
     assert torch.equal(logits.argmax(-1), previous[:, 0])  # the copy bonus: "nothing changes" by default
-    chance = logits.softmax(-1).gather(-1, previous[:, 0, :, None]).mean()
+    chance = logits.detach().softmax(-1).gather(-1, previous[:, 0, :, None]).mean()
     assert 0.3 < float(chance) < 0.7  # even odds against the rest of the vocabulary, not a certainty
 
 
@@ -134,3 +134,26 @@ def test_expected_code_decoding_picks_the_code_nearest_the_mean_not_the_likelies
     assert scores.argmax() in (1, 2)  # ... but 60% of the mass says "that other direction"
     confident = expected_code_scores(torch.log(torch.tensor([0.98, 0.01, 0.01])), codes)
     assert confident.argmax() == 0
+
+
+@pytest.mark.parametrize("copy_window", [(0, 0), (1, 1)])
+def test_sampling_scores_equal_expected_code_scores_of_the_full_distribution(dynamics_config, copy_window):
+    """Sampling sums the pointer's expected code part by part; it must equal the expectation under the full
+    mixed distribution that the model is trained on."""
+    from dataclasses import replace
+
+    from genie_models.dynamics import expected_code_scores
+    config = replace(dynamics_config, copy_window=copy_window, expected_code_decoding=True, code_dim=8)
+    model = DynamicsModel(config).eval()
+    model.use_codebook(torch.randn(config.num_codes, config.code_dim))
+    with torch.no_grad():  # a pointer that is not the untrained "copy the same position"
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    tokens = torch.randint(0, config.num_codes, (2, 3, 16))
+    tokens[:, -1, ::3] = config.mask_id
+    actions = torch.randint(0, config.num_actions, (2, 3))
+    with torch.no_grad():
+        want = expected_code_scores(model(tokens, actions), model.code_vectors)
+        got = model.sampling_logits(tokens, actions)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(got.argmax(-1), model(tokens, actions).argmax(-1))  # not the likeliest code
