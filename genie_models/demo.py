@@ -33,8 +33,9 @@ DEMO_DATA = {"tiny": DemoData(episodes=400, steps_per_episode=120),
              "coinrun": DemoData(episodes=10_000, steps_per_episode=1_000)}
 
 
-def _stage(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+def _stage(message: str, started: float) -> None:
+    """A stage's heading, with the minutes spent since `started` (where the demo's time goes)."""
+    print(f"\n== {message} (at {(time.perf_counter() - started) / 60:.1f} min)", flush=True)
 
 
 def _dataset(out: Path, spec: DemoData, videos: Path | None) -> EpisodeDataset:
@@ -50,16 +51,17 @@ def run_demo(preset: str, out: Path, device: str | None = None, videos: Path | N
     """The main job; with `videos`, a folder of ordinary videos replaces the generated CoinRun levels."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _stage(f"1/5 videos from {videos}" if videos else f"1/5 CoinRun episodes ({DEMO_DATA[preset].episodes} levels, procgen)")
+    source = f"videos from {videos}" if videos else f"CoinRun episodes ({DEMO_DATA[preset].episodes} levels, procgen)"
+    _stage(f"1/5 {source}", started)
     dataset = _dataset(out, DEMO_DATA[preset], videos)
-    _stage("2/5 video tokenizer (VQ-VAE)")
+    _stage("2/5 video tokenizer (VQ-VAE)", started)
     tokenizer = train_tokenizer(dataset, TOKENIZER_PRESETS[preset], TOKENIZER_TRAINING[preset],
                                 out / "runs" / "tokenizer", device).tokenizer
-    _stage("3/5 latent action model + dynamics")
+    _stage("3/5 latent action model + dynamics", started)
     world = train_dynamics(dataset, tokenizer, LAM_PRESETS[preset], DYNAMICS_PRESETS[preset],
                            DYNAMICS_TRAINING[preset], out / "runs" / "world", device, lam_first=LAM_FIRST[preset]).world
     world.to("cpu").eval()
-    _stage("4/5 evaluation on held-out levels")
+    _stage("4/5 evaluation on held-out levels", started)
     metrics = evaluate_world(world, dataset, EvalConfig())
     long_prompt = next(iterate_heldout(dataset, 1, 1, batch_size=1)).frames[0, 0].numpy()
     long_rollout, long_metrics = long_play(world, long_prompt, num_steps=200)
@@ -69,7 +71,7 @@ def run_demo(preset: str, out: Path, device: str | None = None, videos: Path | N
     world.save(out / "world", step=step, metrics=metrics)
     print(write_metrics(metrics, out / "metrics.json"))
     print("\n".join(f"{check}: {'yes' if passed else 'NO'}" for check, passed in world_beats_still_image(metrics).items()))
-    _stage("5/5 pictures")
+    _stage("5/5 pictures", started)
     prompts = next(iterate_heldout(dataset, 1, 4, batch_size=4)).frames[:, 0].numpy()
     grid = action_grid_frames(world, prompts, num_steps=12)
     save_gif(grid, out / "action_grid.gif")

@@ -136,14 +136,16 @@ def test_expected_code_decoding_picks_the_code_nearest_the_mean_not_the_likelies
     assert confident.argmax() == 0
 
 
-@pytest.mark.parametrize("copy_window", [(0, 0), (1, 1)])
-def test_sampling_scores_equal_expected_code_scores_of_the_full_distribution(dynamics_config, copy_window):
+@pytest.mark.parametrize("copy_window,action_pointer", [((0, 0), False), ((1, 1), False), ((1, 1), True)])
+def test_sampling_scores_equal_expected_code_scores_of_the_full_distribution(dynamics_config, copy_window,
+                                                                              action_pointer):
     """Sampling sums the pointer's expected code part by part; it must equal the expectation under the full
     mixed distribution that the model is trained on."""
     from dataclasses import replace
 
     from genie_models.dynamics import expected_code_scores
-    config = replace(dynamics_config, copy_window=copy_window, expected_code_decoding=True, code_dim=8)
+    config = replace(dynamics_config, copy_window=copy_window, expected_code_decoding=True, code_dim=8,
+                     action_pointer=action_pointer)
     model = DynamicsModel(config).eval()
     model.use_codebook(torch.randn(config.num_codes, config.code_dim))
     with torch.no_grad():  # a pointer that is not the untrained "copy the same position"
@@ -157,3 +159,47 @@ def test_sampling_scores_equal_expected_code_scores_of_the_full_distribution(dyn
         got = model.sampling_logits(tokens, actions)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.equal(got.argmax(-1), model(tokens, actions).argmax(-1))  # not the likeliest code
+
+
+def scrolling_clips(batch: int, frames: int, grid: int, num_codes: int, generator: torch.Generator):
+    """Random token grids where action 1 scrolls the scene up one row (a new random bottom row) and action 0
+    keeps it still -> (tokens [B, T, grid * grid], actions [B, T - 1])."""
+    actions = torch.randint(0, 2, (batch, frames - 1), generator=generator)
+    frame = torch.randint(0, num_codes, (batch, grid, grid), generator=generator)
+    clip = [frame]
+    for t in range(frames - 1):
+        scrolled = torch.cat([frame[:, 1:], torch.randint(0, num_codes, (batch, 1, grid), generator=generator)], 1)
+        frame = torch.where(actions[:, t, None, None] == 1, scrolled, frame)
+        clip.append(frame)
+    return torch.stack(clip, dim=1).flatten(2), actions
+
+
+def shares_right_after_training(config, steps: int) -> tuple[float, float]:
+    """Train on scrolling_clips for a few steps -> share of predictable next-frame tokens right after action 0
+    (still) and after action 1 (scroll up; its new bottom row cannot be known)."""
+    torch.manual_seed(0)
+    model = DynamicsModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = model.loss(*scrolling_clips(16, 3, 4, config.num_codes, generator)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    tokens, actions = scrolling_clips(64, 2, 4, config.num_codes, generator)
+    no_action = torch.full((64, 1), config.no_action_id)
+    masked = torch.cat([tokens[:, :1], torch.full_like(tokens[:, 1:], config.mask_id)], dim=1)
+    with torch.no_grad():
+        predicted = model(masked, torch.cat([no_action, actions], dim=1))[:, 1].argmax(-1)
+    correct = (predicted == tokens[:, 1]).reshape(64, 4, 4)
+    return tuple(float(correct[actions[:, 0] == action][:, :rows].float().mean()) for action, rows in ((0, 4), (1, 3)))
+
+
+def test_the_action_pointer_learns_which_way_each_action_moves_the_scene_in_few_steps(dynamics_config):
+    from dataclasses import replace
+    with_bias = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=True), 40)
+    assert min(with_bias) > 0.95, with_bias
+    # The same model without the bias still points every position one row down whatever the action.
+    without = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=False), 40)
+    assert min(without) < 0.6, without
