@@ -87,7 +87,7 @@ DYNAMICS_PRESETS = {
 # The action pointer's table is scaled up so that its few entries move as fast as they must: Adam moves each
 # parameter by about the learning rate per step, and 250 steps at 1e-3 left the biases within 0.2 of zero
 # (measured) where pointing from "same position" to "one row below" takes ~3-5 nats.
-ACTION_POINTER_GAIN = 20.0
+ACTION_POINTER_GAIN = 50.0
 
 # Cosine similarities to the expected code, scaled so MaskGIT's confidence (the softmax of these scores)
 # commits first where the expectation sits close to one code.
