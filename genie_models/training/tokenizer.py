@@ -19,8 +19,8 @@ from genie_models.training.common import (Progress, ProgressFactory, RunCheckpoi
 TOKENIZER_KIND = "genie-tokenizer"
 
 TOKENIZER_TRAINING = {
-    "tiny": TrainConfig(steps=900, batch_size=16, clip_length=1, learning_rate=1e-3, warmup_steps=50,
-                        final_learning_rate=1e-4, checkpoint_every=300),
+    "tiny": TrainConfig(steps=800, batch_size=16, clip_length=1, learning_rate=1e-3, warmup_steps=50,
+                        final_learning_rate=1e-4, checkpoint_every=400),
     "coinrun": TrainConfig(steps=300_000, batch_size=48, clip_length=16, learning_rate=3e-4, warmup_steps=10_000,
                            checkpoint_every=5_000, fsdp=True),
 }
