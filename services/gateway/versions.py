@@ -51,7 +51,10 @@ class ModelVersions:
         self._loaded: dict[str, ModelInfo] = {}  # key name@N -> info
         self._latest: dict[str, int] = {}
         self._holds: Counter[str] = Counter()  # key -> worlds (and creates in flight) playing it
-        self._lock = threading.Lock()  # guards the three above
+        # Keys no world may take any more whose backend unload has not finished: still listed as loaded, because
+        # their models still exist in the backend (on Triton, until every service answered the unload).
+        self._unloading: set[str] = set()
+        self._lock = threading.Lock()  # guards the four above
         self._loading = threading.Lock()  # one load or unload at a time, so a version loads once
         self.unloaded: list[Callable[[str], None]] = []  # called with each key after it was unloaded
 
@@ -136,11 +139,14 @@ class ModelVersions:
                 if self._holds[key] > 0 or self._latest.get(name) == version or key not in self._loaded:
                     return
                 del self._loaded[key], self._holds[key]
+                self._unloading.add(key)
             try:
                 self.backend.unload_version(key)
             except Exception as error:  # noqa: BLE001 - no world plays it; the services free it when they restart
                 log.warning("unloading %s failed: %s", key, error)
             self.metrics.model_version_loaded.remove(name, str(version))
+            with self._lock:  # listed as loaded, and in the metric, until here: its models are gone now
+                self._unloading.discard(key)
             log.info("model version unloaded", extra={"model": key})
         for callback in self.unloaded:
             callback(key)
@@ -176,7 +182,7 @@ class ModelVersions:
     def listing(self) -> list[ModelListing]:
         listings = [ModelListing(info, [], 0, []) for info in self._fixed.values()]
         with self._lock:
-            latest, loaded = dict(self._latest), list(self._loaded)
+            latest, loaded = dict(self._latest), [*self._loaded, *self._unloading]
         for name in self.names:
             if name not in latest:
                 continue  # nothing servable yet
@@ -198,4 +204,4 @@ class ModelVersions:
 
     def loaded_keys(self) -> list[str]:
         with self._lock:
-            return sorted(self._loaded)
+            return sorted([*self._loaded, *self._unloading])

@@ -32,7 +32,7 @@ from services.stores import open_store
 from services.stores.catalog import ModelCatalog
 from services.triton import protocol
 from tests.services.conftest import gateway_settings, tiny_world_model
-from services.triton.stack import ServiceStack
+from services.triton.stack import ServiceStack, TritonService
 from tests.services.helpers import (MAX_WORLDS, MODEL_NAME, create_request, free_port, open_channel, pixels_of,
                                    png_prompt, wait_serving)
 from tests.services import jobs_servers
@@ -210,7 +210,9 @@ def torch_free_gateway(stack: ServiceStack, store_environment: dict[str, str], l
                                 "--metrics-port", str(metrics_port)], env=environment,
                                stdout=subprocess.DEVNULL, stderr=log.open("ab"))
     try:
-        wait_serving(port, describe=lambda: log.read_text(errors="replace")[-3000:])
+        # The gateway serves once the latest version is bound in every service: minutes on a loaded machine.
+        wait_serving(port, timeout_s=protocol.CONTROL_TIMEOUT_S,
+                     describe=lambda: log.read_text(errors="replace")[-3000:])
         yield port, metrics_port
     finally:
         process.terminate()
@@ -218,8 +220,20 @@ def torch_free_gateway(stack: ServiceStack, store_environment: dict[str, str], l
     assert "import of torch halted" not in log.read_text(errors="replace")
 
 
-@pytest.mark.xfail(reason="never passed yet: Triton reports a version's models ready one by one while it binds "
-                          "(seen 'half loaded'), and binds time out under load; the Triton versioning path is unverified",
+def ready_in_triton(service: TritonService, version: int) -> list[bool]:
+    """Whether each of the version's models is ready in one service, as Triton itself reports."""
+    ready = []
+    with contextlib.closing(grpcclient.InferenceServerClient(service.url)) as client:
+        for name in protocol.MODELS_BY_KIND[service.kind]:
+            try:
+                ready.append(client.is_model_ready(protocol.versioned(name, version)))
+            except InferenceServerException:  # unknown model
+                ready.append(False)
+    return ready
+
+
+@pytest.mark.xfail(reason="not yet seen passing whole: on a machine whose cores another process held, each Triton "
+                          "model bind took ~40 s and version 2 reached new worlds after more than the 30 s asserted",
                    strict=False)
 def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkpoints, catalog_environment, tmp_path):
     catalog = open_catalog(catalog_environment)
@@ -227,16 +241,7 @@ def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkp
     with running_stack(None, MODEL_NAME, environment=catalog_environment) as stack:
         def served_by_triton(version: int) -> bool:
             """Whether every service has the version's models loaded, as Triton itself reports."""
-            names = {kind: [protocol.versioned(name, version) for name in protocol.MODELS_BY_KIND[kind]]
-                     for kind in protocol.SERVICE_KINDS}
-            ready = []
-            for kind, service in stack.services.items():
-                with contextlib.closing(grpcclient.InferenceServerClient(service.url)) as client:
-                    for name in names[kind]:
-                        try:
-                            ready.append(client.is_model_ready(name))
-                        except InferenceServerException:  # unknown model
-                            ready.append(False)
+            ready = [each for service in stack.services.values() for each in ready_in_triton(service, version)]
             assert all(ready) or not any(ready), f"version {version} half loaded: {ready}"
             return all(ready)
 
@@ -267,3 +272,38 @@ def test_a_restarted_gateway_resumes_worlds_on_their_version(checkpoints, catalo
         for world_id in (world.world.world_id, twin.world.world_id):
             stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
         wait_for(lambda: list(listed(stub).loaded_versions) == [2], "version 1 unloaded after its last world")
+
+
+def test_a_restarted_catalog_service_binds_its_version_again_when_the_gateway_needs_it(checkpoints,
+                                                                                     catalog_environment):
+    """A --catalog dynamics service SIGKILLed and started again has no version bound: the next step of a world on
+    version 1 binds it there again (the gateway's reload on "unknown model"), rebuilds the world's caches, and the
+    world plays on bit-identically to a twin that never saw the restart; new worlds get the version too."""
+    catalog = open_catalog(catalog_environment)
+    catalog.publish(MODEL_NAME, checkpoints[1])
+    with running_stack(None, MODEL_NAME, environment=catalog_environment) as stack:
+        # A step that binds the version again can take longer than the default step deadline on a loaded machine.
+        overrides = stack.overrides() | {"step_deadline_s": protocol.CONTROL_TIMEOUT_S}
+        with catalog_gateway(overrides, catalog) as runtime, contextlib.closing(open_channel(runtime.port)) as channel:
+            stub = world_pb2_grpc.WorldServiceStub(channel)
+            twin, world = create(stub, seed=5), create(stub, seed=5)
+            twin_frames = [step(stub, twin.world.world_id, action) for action in ACTIONS]
+            first_half = [step(stub, world.world.world_id, action) for action in ACTIONS[:3]]
+
+            dynamics = stack.services["dynamics"]
+            dynamics.kill()
+            dynamics.start()
+            dynamics.wait_ready()
+            assert ready_in_triton(dynamics, 1) == [False] * len(protocol.MODELS_BY_KIND["dynamics"])
+
+            # The first step binds the version in the restarted service (seconds, minutes on a loaded machine).
+            reply = stub.StepWorld(pb.StepWorldRequest(world_id=world.world.world_id, action=ACTIONS[3]),
+                                   timeout=protocol.CONTROL_TIMEOUT_S)
+            second_half = [pixels_of(reply.frame), *(step(stub, world.world.world_id, action) for action in ACTIONS[4:])]
+            assert all(np.array_equal(a, b) for a, b in zip(first_half + second_half, twin_frames, strict=True))
+            assert all(ready_in_triton(dynamics, 1)) and stub.GetWorld(
+                pb.GetWorldRequest(world_id=world.world.world_id)).model_version == 1
+
+            newcomer = create(stub, seed=5)
+            assert newcomer.world.model_version == 1
+            assert np.array_equal(step(stub, newcomer.world.world_id, ACTIONS[0]), twin_frames[0])
