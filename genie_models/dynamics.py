@@ -195,15 +195,16 @@ class DynamicsModel(nn.Module):
         if self.copy_head is None:
             expected = self._output(hidden, previous_tokens, None).float().softmax(dim=-1) @ self.code_vectors
         else:
-            mix = self._pointer_choice(hidden, self._pointer_bias(actions)).exp()
-            expected = self._expected_pointer_code(mix, hidden, previous_tokens, self._neighbours(previous_tokens))
+            expected = self._expected_pointer_code(hidden, previous_tokens, self._neighbours(previous_tokens),
+                                                   self._pointer_bias(actions))
         return code_similarity_scores(expected, self.code_vectors)
 
-    def _expected_pointer_code(self, mix: torch.Tensor, hidden: torch.Tensor, previous: torch.Tensor,
-                               neighbours: torch.Tensor) -> torch.Tensor:
-        """The pointer mixture's expected code vector [..., code_dim], summed over its parts (mix [..., O + 1]:
-        each pointed-at neighbour, the last: generate) rather than over a mixed vocabulary-sized distribution:
+    def _expected_pointer_code(self, hidden: torch.Tensor, previous: torch.Tensor, neighbours: torch.Tensor,
+                               pointer_bias: torch.Tensor | None) -> torch.Tensor:
+        """The pointer mixture's expected code vector [..., code_dim] (arguments as for _output), summed over its
+        parts (each pointed-at neighbour, and generate) rather than over a mixed vocabulary-sized distribution:
         the same vector, without building and normalising [..., V] mixtures on every MaskGIT pass."""
+        mix = self._pointer_choice(hidden, pointer_bias).exp()  # [..., O + 1], the last: generate
         generated = self._head(hidden).float().softmax(dim=-1) @ self.code_vectors
         pointed = (mix[..., :-1, None] * self.code_vectors[neighbours.clamp_max(self.config.num_codes - 1)]).sum(-2)
         known = (previous != self.config.mask_id)[..., None]

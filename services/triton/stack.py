@@ -115,17 +115,13 @@ def kill_group(process: subprocess.Popen) -> None:
     release_shared_memory(process.pid)
 
 
-def release_shared_memory(pid: int, root: Path = SHARED_MEMORY) -> int:
+def release_shared_memory(pid: int) -> None:
     """Deletes the PyTriton tensor-store segments (/dev/shm/pytrtion<pid>-*) of a service that died: a
     graceful stop deletes them, a SIGKILL leaves 16-20 MB per service in RAM-backed /dev/shm, which fills
     a container's 64 MB default after a few crashes and then no service can start (measured: 4-5 segments
-    of 4 MiB per killed service). Call only once pid has exited. Returns how many were deleted."""
-    released = 0
-    for segment in root.glob(f"pytrtion{pid}-*"):
-        with contextlib.suppress(FileNotFoundError):
-            segment.unlink()
-            released += 1
-    return released
+    of 4 MiB per killed service). Call only once pid has exited."""
+    for segment in SHARED_MEMORY.glob(f"pytrtion{pid}-*"):
+        segment.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -284,7 +280,6 @@ class ServiceStack:
             self.stop()
             raise
         return self
-
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int | None]:
         """Stops all at once (each takes seconds to unload its models); returns each one's exit code."""
