@@ -85,7 +85,7 @@ def _train_frames_per_s(loss_fn, module: torch.nn.Module, frames: torch.Tensor, 
     return frames.shape[0] * frames.shape[1] / _timed(step, device, 2, repeats)
 
 
-def _filled_pool(world: WorldModel, count: int, device: torch.device, dtype: torch.dtype) -> tuple[WorldPool, list[int]]:
+def filled_pool(world: WorldModel, count: int, device: torch.device, dtype: torch.dtype) -> tuple[WorldPool, list[int]]:
     pool = WorldPool(world, max_worlds=count, device=device, dtype=dtype)
     prompt = np.random.default_rng(0).integers(0, 256, (world.image_size, world.image_size, 3), dtype=np.uint8)
     ids = [pool.create(prompt, seed=index)[0] for index in range(count)]
@@ -119,7 +119,7 @@ def bench_stepping(world: WorldModel, device: torch.device, dtype: torch.dtype, 
     world.eval()
     results = {}
     for count in batch_sizes:
-        pool, ids = _filled_pool(world, count, device, dtype)
+        pool, ids = filled_pool(world, count, device, dtype)
         seconds = _timed(lambda: pool.step({world_id: 1 for world_id in ids}), device, 1, repeats)
         results[f"step_{count}_worlds_frames_per_s"] = count / seconds
     config = world.dynamics.config
