@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def _add_world_commands(subparsers) -> None:
     evaluate.add_argument("--clips", type=int, default=64, help="held-out clips to evaluate")
     evaluate.add_argument("--horizon", type=int, default=None,
                           help="frames generated after the prompt frame (default: the evaluation's own)")
+    evaluate.add_argument("--action-guidance", type=float, default=None,
+                          help="sample with this action guidance instead of the world's own (see DynamicsConfig)")
     evaluate.set_defaults(handler=_run_eval)
     render = subparsers.add_parser("render", help="render an action grid (GIF/MP4) from prompt images")
     render.add_argument("--world", type=Path, required=True)
@@ -154,7 +157,10 @@ def _run_eval(args) -> None:
     from genie_models.evaluation import EvalConfig, evaluate_world, write_metrics
     from genie_models.world_model import WorldModel
     sizes = {"num_clips": args.clips} | ({} if args.horizon is None else {"horizon": args.horizon})
-    metrics = evaluate_world(WorldModel.load(args.world), EpisodeDataset.open(args.data), EvalConfig(**sizes))
+    world = WorldModel.load(args.world)
+    if args.action_guidance is not None:
+        world.dynamics.config = replace(world.dynamics.config, action_guidance=args.action_guidance)
+    metrics = evaluate_world(world, EpisodeDataset.open(args.data), EvalConfig(**sizes))
     print(write_metrics(metrics, args.out))
 
 

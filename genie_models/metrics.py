@@ -1,5 +1,5 @@
 """Evaluation metrics and schedules for Genie as pure, batched torch functions.
-PSNR, SSIM, ΔtPSNR (controllability), NMI of latent vs. true actions, MaskGIT schedule, codebook perplexity.
+PSNR, SSIM, sharpness, ΔtPSNR (controllability), NMI of latent vs. true actions, MaskGIT schedule, codebook perplexity.
 
 Images are channels-last ``[..., H, W, C]``: float in [0, 1], or uint8 in [0, 255] (divided by 255).
 """
@@ -78,6 +78,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     )  # [(n c), 1, H - 10, W - 10]
     per_channel = rearrange(ssim_map.mean(dim=(-2, -1)), "(n c) 1 -> n c", c=channels)
     return per_channel.mean(dim=-1).reshape(batch_shape)
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute 4-neighbour Laplacian per image (channels averaged, interior pixels), shape
+    ``images.shape[:-3]``: the energy of fine detail. A world that washes into blur loses it while its
+    PSNR against a blurry average can still look fine; compare against real frames' value."""
+    x = to_unit_float(images)
+    centre = x[..., 1:-1, 1:-1, :]
+    laplacian = (4 * centre - x[..., :-2, 1:-1, :] - x[..., 2:, 1:-1, :] - x[..., 1:-1, :-2, :] - x[..., 1:-1, 2:, :])
+    return laplacian.abs().mean(dim=(-3, -2, -1))
 
 
 def delta_t_psnr(

@@ -161,6 +161,42 @@ def test_sampling_scores_equal_expected_code_scores_of_the_full_distribution(dyn
     assert not torch.equal(got.argmax(-1), model(tokens, actions).argmax(-1))  # not the likeliest code
 
 
+@pytest.mark.parametrize("expected_code_decoding", [False, True])
+def test_action_guidance_scales_the_action_pointer_when_sampling_and_not_in_training(dynamics_config,
+                                                                                    expected_code_decoding):
+    """Guidance g samples as a model whose action-pointer table is g times larger would; the training loss
+    (the model as trained) does not see it."""
+    from dataclasses import replace
+    config = replace(dynamics_config, copy_window=(1, 1), action_pointer=True, code_dim=8,
+                     expected_code_decoding=expected_code_decoding)
+    torch.manual_seed(0)
+    model = DynamicsModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    if expected_code_decoding:
+        model.use_codebook(torch.randn(config.num_codes, config.code_dim))
+    guided = DynamicsModel(replace(config, action_guidance=2.5)).eval()
+    guided.load_state_dict(model.state_dict())
+    scaled = DynamicsModel(config).eval()
+    scaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        scaled.action_pointer.weight.mul_(2.5)
+    tokens = torch.randint(0, config.num_codes, (2, 3, 16))
+    tokens[:, -1, ::2] = config.mask_id
+    actions = torch.randint(0, config.num_actions, (2, 3))
+    with torch.no_grad():
+        got, want = guided.sampling_logits(tokens, actions), scaled.sampling_logits(tokens, actions)
+        plain = model.sampling_logits(tokens, actions)
+        torch.testing.assert_close(got, want)
+        assert (got - plain).abs().max() > 0.1  # guidance changed what sampling draws from
+        clip = torch.randint(0, config.num_codes, (2, 3, 16))
+        torch.manual_seed(1)
+        guided_loss = guided.loss(clip, actions[:, 1:]).loss
+        torch.manual_seed(1)
+        torch.testing.assert_close(guided_loss, model.loss(clip, actions[:, 1:]).loss)
+
+
 def scrolling_clips(batch: int, frames: int, grid: int, num_codes: int, generator: torch.Generator):
     """Random token grids where action 1 scrolls the scene up one row (a new random bottom row) and action 0
     keeps it still -> (tokens [B, T, grid * grid], actions [B, T - 1])."""

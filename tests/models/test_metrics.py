@@ -1,5 +1,5 @@
 """Tests for the pure metric functions against values computed by hand or by a naive reference.
-Covers PSNR, SSIM, ΔtPSNR, NMI/contingency, the MaskGIT schedule and codebook perplexity."""
+Covers PSNR, SSIM, sharpness, ΔtPSNR, NMI/contingency, the MaskGIT schedule and codebook perplexity."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from genie_models.metrics import (
     maskgit_mask_schedule,
     normalized_mutual_information,
     psnr,
+    sharpness,
     ssim,
 )
 
@@ -184,3 +185,19 @@ def test_codebook_perplexity_counts_effectively_used_codes() -> None:
     assert 1.0 < codebook_perplexity(torch.tensor([10.0, 1.0])) < 2.0
     with pytest.raises(ValueError, match="all zero"):
         codebook_perplexity(torch.zeros(4))
+
+
+def test_sharpness_of_a_flat_image_is_zero_and_of_a_checkerboard_is_known() -> None:
+    flat = torch.full((2, 8, 8, 3), 0.5)
+    assert torch.equal(sharpness(flat), torch.zeros(2))
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checker = ((rows + cols) % 2).float()[..., None].expand(8, 8, 3)
+    # Each interior pixel differs by 1 from its four neighbours: |4 * v - 4 * (1 - v)| = 4.
+    assert sharpness(checker).item() == pytest.approx(4.0)
+    assert sharpness((checker * 255).to(torch.uint8)).item() == pytest.approx(4.0)
+
+
+def test_blurring_lowers_sharpness() -> None:
+    images = _random_images(1, 16, 16, 3)
+    blurred = (images + images.roll(1, dims=1) + images.roll(1, dims=2) + images.roll((1, 1), dims=(1, 2))) / 4
+    assert sharpness(blurred).item() < 0.6 * sharpness(images).item()
