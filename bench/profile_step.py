@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_models import filled_pool  # noqa: E402 - a sibling script (bench/ is on sys.path)
+from bench_models import filled_pool  # a sibling script: running bench/X.py puts bench/ on sys.path
 from genie_models.world_model import WorldModel
 
 
