@@ -63,8 +63,8 @@ def run_demo(preset: str, out: Path, device: str | None = None, videos: Path | N
     world.to("cpu").eval()
     _stage("4/5 evaluation on held-out levels", started)
     metrics = evaluate_world(world, dataset, EvalConfig())
-    long_prompt = next(iterate_heldout(dataset, 1, 1, batch_size=1)).frames[0, 0].numpy()
-    long_rollout, long_metrics = long_play(world, long_prompt, num_steps=200)
+    prompts = next(iterate_heldout(dataset, 1, 4, batch_size=4)).frames[:, 0].numpy()  # long play, action grid
+    long_rollout, long_metrics = long_play(world, prompts, num_steps=200)
     outside, outside_metrics = prompt_fidelity(world, drawn_prompts(world.image_size), num_steps=8)
     metrics |= long_metrics | outside_metrics
     step = int(latest_checkpoint(out / "runs" / "world").name.split("-")[-1])
@@ -72,14 +72,14 @@ def run_demo(preset: str, out: Path, device: str | None = None, videos: Path | N
     print(write_metrics(metrics, out / "metrics.json"))
     print("\n".join(f"{check}: {'yes' if passed else 'NO'}" for check, passed in world_beats_still_image(metrics).items()))
     _stage("5/5 pictures", started)
-    prompts = next(iterate_heldout(dataset, 1, 4, batch_size=4)).frames[:, 0].numpy()
     grid = action_grid_frames(world, prompts, num_steps=12)
     save_gif(grid, out / "action_grid.gif")
     save_mp4(grid, out / "action_grid.mp4")
     reconstruction_frames = next(iterate_heldout(dataset, 1, 8, batch_size=8)).frames[:, 0].numpy()
     reconstruction_image(world, np.ascontiguousarray(reconstruction_frames)).save(out / "reconstruction.png")
-    every_tenth = np.concatenate([long_prompt[None], long_rollout.frames[0, 9::10]])
-    frame_strip(every_tenth, columns=7).save(out / "long_rollout.png")
+    every_tenth = np.concatenate([prompts[:, None], long_rollout.frames[:, 9::10]], axis=1)  # [4, 21, ...]
+    frame_strip(every_tenth.reshape(-1, *every_tenth.shape[2:]), columns=every_tenth.shape[1]).save(
+        out / "long_rollout.png")
     for (name, picture), frames in zip(drawn_prompts(world.image_size).items(), outside.frames):
         frame_strip(np.concatenate([picture[None], frames]), columns=9).save(out / f"outside_prompt_{name}.png")
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs in {out}/:")

@@ -46,6 +46,12 @@ class DynamicsConfig:
     # same position only. A scrolling scene moves tokens to neighbouring positions; a pointer learns
     # which neighbour from the action quickly, where generating the moved token means learning it anew.
     copy_window: tuple[int, int] = (0, 0)
+    # With the pointer: True, an offset that falls outside the frame points at nothing and its share goes to
+    # generate, so the rows a scroll brings in are generated; False, it is clamped to the edge, so a scroll
+    # copies the edge row inward. Long play then smears the scene into vertical streaks; but the tiny model's
+    # generated rows are flat averages that wash it out as fast, and cost 0.7 dB of ΔtPSNR (README: measured),
+    # so tiny keeps the clamp. A model that generates well should not.
+    pointer_within_frame: bool = False
     # With the pointer: a learned per-action bias on its choice of offset, read straight from the action
     # rather than through the transformer. A latent action that means "the scene scrolls up" then points
     # every position at the token one row below from the first steps of training (README: measured).
@@ -133,9 +139,13 @@ class DynamicsModel(nn.Module):
                                if pointer and config.action_pointer else None)
         if self.action_pointer is not None:
             nn.init.zeros_(self.action_pointer.weight)
-        # Which position each pointer offset reads from, fixed by the config: built once, not per MaskGIT pass.
-        self.register_buffer("neighbour_index", _neighbour_index(math.isqrt(config.tokens_per_frame), self.copy_offsets)
-                             if pointer else None, persistent=False)
+        # Which position each pointer offset reads from, and whether it lies inside the frame, fixed by the
+        # config: built once, not per MaskGIT pass.
+        index, inside = (_neighbour_index(math.isqrt(config.tokens_per_frame), self.copy_offsets) if pointer
+                         else (None, None))
+        self.register_buffer("neighbour_index", index, persistent=False)
+        self.register_buffer("neighbour_inside", inside if pointer and config.pointer_within_frame else None,
+                             persistent=False)
         if self.copy_head is not None:
             # Starts near "copy the same position" (~1/2), "generate" (~1/5), each neighbour ~1/40.
             nn.init.zeros_(self.copy_head.weight)
@@ -184,8 +194,21 @@ class DynamicsModel(nn.Module):
         return (scores if pointer_bias is None else scores + pointer_bias.float()).log_softmax(dim=-1)
 
     def _neighbours(self, previous_tokens: torch.Tensor) -> torch.Tensor | None:
-        """previous_tokens [B, T, S] -> the pointer's candidates [B, T, S, O] (None without a pointer)."""
-        return None if self.neighbour_index is None else previous_tokens[..., self.neighbour_index]
+        """previous_tokens [B, T, S] -> the pointer's candidates [B, T, S, O] (None without a pointer); mask_id
+        where an offset leaves the frame (with pointer_within_frame) or there is no previous frame."""
+        if self.neighbour_index is None:
+            return None
+        neighbours = previous_tokens[..., self.neighbour_index]
+        return neighbours if self.neighbour_inside is None else neighbours.masked_fill(~self.neighbour_inside,
+                                                                                        self.config.mask_id)
+
+    def _pointer_weights(self, mix: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mix [..., O + 1] (log-probabilities of each offset, the last: generate), neighbours [..., O] ->
+        (generate's weight [..., 1], each offset's weight [..., O]): pointing at no token is generating."""
+        weights = mix.exp()
+        real = neighbours != self.config.mask_id
+        pointed = weights[..., :-1] * real
+        return weights[..., -1:] + (weights[..., :-1] - pointed).sum(-1, keepdim=True), pointed
 
     def use_codebook(self, code_vectors: torch.Tensor) -> None:
         """The tokenizer's code vectors [num_codes, code_dim], as its decoder sees them."""
@@ -214,11 +237,11 @@ class DynamicsModel(nn.Module):
         """The pointer mixture's expected code vector [..., code_dim] (arguments as for _output), summed over its
         parts (each pointed-at neighbour, and generate) rather than over a mixed vocabulary-sized distribution:
         the same vector, without building and normalising [..., V] mixtures on every MaskGIT pass."""
-        mix = self._pointer_choice(hidden, pointer_bias).exp()  # [..., O + 1], the last: generate
+        generate, pointer = self._pointer_weights(self._pointer_choice(hidden, pointer_bias), neighbours)
         generated = self._head(hidden).float().softmax(dim=-1) @ self.code_vectors
-        pointed = (mix[..., :-1, None] * self.code_vectors[neighbours.clamp_max(self.config.num_codes - 1)]).sum(-2)
+        pointed = (pointer[..., None] * self.code_vectors[neighbours.clamp_max(self.config.num_codes - 1)]).sum(-2)
         known = (previous != self.config.mask_id)[..., None]
-        return torch.where(known, mix[..., -1:] * generated + pointed, generated)
+        return torch.where(known, generate * generated + pointed, generated)
 
     def _predecessors(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T, S] -> each frame's predecessor's tokens, mask_id (none) for the first frame."""
@@ -242,10 +265,11 @@ class DynamicsModel(nn.Module):
         """log p(token) = log(generate * softmax(logits) + sum over offsets of pointer(offset) * [token there]),
         mix [..., O + 1]: the log-probabilities of each offset, the last: generate."""
         known = (previous != self.config.mask_id)[..., None]
+        generate, pointer = self._pointer_weights(mix, neighbours)
         pointed = torch.zeros_like(logits, dtype=torch.float32).scatter_add(
-            -1, neighbours.clamp_max(self.config.num_codes - 1), mix[..., :-1].exp() * known)
+            -1, neighbours.clamp_max(self.config.num_codes - 1), pointer)
         generated = logits.float().log_softmax(dim=-1)
-        mixed = torch.logaddexp(mix[..., -1:] + generated, pointed.clamp_min(1e-30).log())
+        mixed = torch.logaddexp(generate.log() + generated, pointed.clamp_min(1e-30).log())
         return torch.where(known, mixed, generated)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,15 +317,16 @@ def _window_offsets(rows: int, columns: int) -> list[tuple[int, int]]:
     return [(dr, dc) for dr in range(-rows, rows + 1) for dc in range(-columns, columns + 1)]
 
 
-def _neighbour_index(grid: int, offsets: list[tuple[int, int]]) -> torch.Tensor:
-    """[S, O]: for each position of a grid*grid frame, the position at (row + dr, column + dc) for every
-    offset, clamped at the frame's edges."""
+def _neighbour_index(grid: int, offsets: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([S, O], [S, O]): for each position of a grid*grid frame, the position at (row + dr, column + dc) for
+    every offset, clamped at the frame's edges, and whether that offset stays inside the frame unclamped."""
     index = torch.arange(grid)
-    sources = []
+    sources, inside = [], []
     for dr, dc in offsets:
-        rows, cols = (index + dr).clamp(0, grid - 1), (index + dc).clamp(0, grid - 1)
-        sources.append((rows[:, None] * grid + cols[None, :]).flatten())
-    return torch.stack(sources, dim=-1)
+        rows, cols = index + dr, index + dc
+        inside.append((((rows >= 0) & (rows < grid))[:, None] & ((cols >= 0) & (cols < grid))[None, :]).flatten())
+        sources.append((rows.clamp(0, grid - 1)[:, None] * grid + cols.clamp(0, grid - 1)[None, :]).flatten())
+    return torch.stack(sources, dim=-1), torch.stack(inside, dim=-1)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

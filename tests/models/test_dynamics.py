@@ -106,9 +106,10 @@ def test_an_untrained_model_already_prefers_the_previous_frames_token(dynamics_c
     assert 0.3 < float(chance) < 0.7  # even odds against the rest of the vocabulary, not a certainty
 
 
-def test_the_pointer_copy_is_a_distribution_that_can_point_at_a_neighbouring_position(dynamics_config):
+@pytest.mark.parametrize("within_frame", [True, False])
+def test_the_pointer_copy_is_a_distribution_that_can_point_at_a_neighbouring_position(dynamics_config, within_frame):
     from dataclasses import replace
-    config = replace(dynamics_config, copy_window=(1, 1))
+    config = replace(dynamics_config, copy_window=(1, 1), pointer_within_frame=within_frame)
     model = DynamicsModel(config).eval()
     previous = torch.randint(0, 64, (1, 1, 16))
     tokens = torch.cat([previous, torch.full_like(previous, config.mask_id)], dim=1)
@@ -116,12 +117,18 @@ def test_the_pointer_copy_is_a_distribution_that_can_point_at_a_neighbouring_pos
     log_p = model(tokens, actions)[:, -1]  # [1, S, V]
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(1, 16))
     assert torch.equal(log_p.argmax(-1), previous[:, 0])  # untrained: "nothing moved"
-    with torch.no_grad():  # all pointer weight on the position one row below
+    with torch.no_grad():  # all pointer weight on the position one row below; next, same position or generate
         model.copy_head.bias.fill_(-50.0)
         model.copy_head.bias[model.copy_offsets.index((1, 0))] = 50.0
+        model.copy_head.bias[model.copy_offsets.index((0, 0))] = model.copy_head.bias[-1] = 0.0
     grid = previous[0, 0].reshape(4, 4)
-    scrolled = torch.cat([grid[1:], grid[-1:]]).flatten()  # the last row is clamped at the edge
-    assert torch.equal(model(tokens, actions)[0, -1].argmax(-1), scrolled)
+    log_p = model(tokens, actions)[0, -1].reshape(4, 4, -1)
+    assert torch.equal(log_p[:3].argmax(-1), grid[1:])  # every row but the last shows the row below it
+    # The last row has no row below: inside the frame, that choice becomes generate (not the next choice,
+    # "same position"); clamped (older checkpoints) the edge row is copied onto itself. Either copy would
+    # smear the edge row inward, scroll after scroll.
+    edge_copy = log_p[3].gather(-1, grid[3, :, None]).exp()
+    assert bool((edge_copy < 0.2).all() if within_frame else (edge_copy > 0.99).all()), edge_copy
 
 
 def test_expected_code_decoding_picks_the_code_nearest_the_mean_not_the_likeliest_code():
@@ -188,7 +195,7 @@ def test_action_guidance_scales_the_action_pointer_when_sampling_and_not_in_trai
     with torch.no_grad():
         got, want = guided.sampling_logits(tokens, actions), scaled.sampling_logits(tokens, actions)
         plain = model.sampling_logits(tokens, actions)
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # scores x50: float rounding shows
         assert (got - plain).abs().max() > 0.1  # guidance changed what sampling draws from
         clip = torch.randint(0, config.num_codes, (2, 3, 16))
         torch.manual_seed(1)
@@ -234,8 +241,8 @@ def shares_right_after_training(config, steps: int) -> tuple[float, float]:
 
 def test_the_action_pointer_learns_which_way_each_action_moves_the_scene_in_few_steps(dynamics_config):
     from dataclasses import replace
-    with_bias = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=True), 40)
+    with_bias = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=True), 20)
     assert min(with_bias) > 0.95, with_bias
     # The same model without the bias still points every position one row down whatever the action.
-    without = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=False), 40)
+    without = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=False), 20)
     assert min(without) < 0.6, without

@@ -18,6 +18,7 @@ from genie_models.metrics import (
     psnr,
     sharpness,
     ssim,
+    vertical_repeat_rate,
 )
 
 
@@ -201,3 +202,11 @@ def test_blurring_lowers_sharpness() -> None:
     images = _random_images(1, 16, 16, 3)
     blurred = (images + images.roll(1, dims=1) + images.roll(1, dims=2) + images.roll((1, 1), dims=(1, 2))) / 4
     assert sharpness(blurred).item() < 0.6 * sharpness(images).item()
+
+
+def test_vertical_repeat_rate_counts_tokens_equal_to_the_one_above() -> None:
+    streaks = torch.arange(4).repeat(3, 1)  # [3 rows, 4 columns], every column one token
+    assert vertical_repeat_rate(streaks).item() == 1.0
+    assert vertical_repeat_rate(streaks.T).item() == 0.0  # horizontal bands: no token repeats the one above
+    half = torch.tensor([[1, 2], [1, 3]])
+    assert vertical_repeat_rate(torch.stack([half, streaks[:2, :2]])).tolist() == [0.5, 1.0]

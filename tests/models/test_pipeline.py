@@ -11,7 +11,7 @@ import torch
 from genie_models.checkpoints import latest_checkpoint
 from genie_models.data import generate_coinrun, iterate_heldout
 from genie_models.dynamics import DynamicsConfig
-from genie_models.evaluation import EvalConfig, evaluate_world, write_metrics
+from genie_models.evaluation import EvalConfig, evaluate_world, long_play, write_metrics
 from genie_models.lam import LAMConfig
 from genie_models.render import action_grid_frames, reconstruction_image, save_gif, save_mp4
 from genie_models.tokenizer import TokenizerConfig
@@ -71,6 +71,11 @@ def test_both_stages_train_resume_evaluate_and_render(dataset, tmp_path):
     assert (tmp_path / "grid.gif").stat().st_size > 0 and (tmp_path / "grid.mp4").stat().st_size > 0
     picture = reconstruction_image(world, prompts)
     assert picture.size == (2 * 64 * 2, 2 * 64 * 2)
+    played, long_metrics = long_play(world, prompts, num_steps=8)
+    assert played.frames.shape == (2, 8, 64, 64, 3)
+    for name in ("token_change_rate_first_quarter", "vertical_repeat_prompt", "vertical_repeat_last_quarter"):
+        assert 0 <= long_metrics[f"long_play_{name}"] <= 1, name  # shares
+    assert np.isfinite(long_metrics["long_play_sharpness_ratio_last_quarter"])
 
 
 def test_a_lam_first_recipe_trains_the_lam_alone_then_keeps_it_frozen(dataset, tmp_path):
