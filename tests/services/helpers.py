@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -71,3 +73,23 @@ def wait_serving(port: int, timeout_s: float = 90, describe=lambda: "") -> None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"nothing serving on port {port}: {error.code()}\n{describe()}") from error
             time.sleep(0.1)
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    paths = {name: directory / name for name in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
+                                                 "client.pem", "san.ext")}
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=genie-test-ca",
+            "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
+    paths["san.ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        request = directory / f"{who}.csr"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(paths[f"{who}.key"]),
+                "-out", str(request))
+        openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
+                "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
+    return paths

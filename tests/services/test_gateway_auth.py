@@ -4,8 +4,6 @@ and reflection, keys never logged; and TLS with client certificates (mTLS) for t
 from __future__ import annotations
 
 import logging
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,11 +12,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
-from services.gateway.auth import hash_key
+from services.auth import hash_key
 from services.gateway.server import GatewayRuntime
 from services.settings import GatewaySettings
 from tests.services.conftest import gateway_settings
-from tests.services.helpers import MODEL_NAME, create_request, open_channel
+from tests.services.helpers import MODEL_NAME, certificates, create_request, open_channel
 
 pytestmark = pytest.mark.integration
 
@@ -121,28 +119,8 @@ def test_gateway_with_auth_on_and_no_keys_refuses_to_start(world_checkpoint):
                                        auth="api-key"))
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
-    paths = {name: directory / name for name in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
-                                                 "client.pem", "san.ext")}
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=genie-test-ca",
-             "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
-    paths["san.ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for who in ("server", "client"):
-        request = directory / f"{who}.csr"
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(paths[f"{who}.key"]),
-                 "-out", str(request))
-        _openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
-                 "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
-    return paths
-
-
 def test_tls_gateway_serves_clients_with_a_certificate_and_refuses_others(world_checkpoint, tmp_path):
-    certs = _certificates(tmp_path)
+    certs = certificates(tmp_path)
     settings = gateway_settings({"models": {MODEL_NAME: str(world_checkpoint)}, "tls_cert_file": certs["server.pem"],
                                  "tls_key_file": certs["server.key"], "tls_client_ca_file": certs["ca.pem"]})
     runtime = GatewayRuntime(settings).start()
