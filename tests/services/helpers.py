@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -93,3 +94,17 @@ def certificates(directory: Path) -> dict[str, Path]:
         openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
                 "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
     return paths
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    """Call metadata carrying an API key."""
+    return [("authorization", f"Bearer {key}")]
+
+
+def failure(call, request, metadata=None) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a call that must fail; a streaming call's answer is read to its end."""
+    with pytest.raises(grpc.RpcError) as error:
+        answer = call(request, metadata=metadata, timeout=60)
+        if isinstance(answer, grpc.Call):
+            list(answer)
+    return error.value.code(), error.value.details()

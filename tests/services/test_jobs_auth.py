@@ -29,7 +29,7 @@ from services.jobs.server import JobsRuntime, start
 from services.settings import JobsSettings, StoreSettings
 from services.stores.base import open_store
 from services.stores.datasets import upload_videos
-from tests.services.helpers import certificates
+from tests.services.helpers import bearer, certificates, failure
 from tests.services.jobs_harness import GENIE, write_videos
 from tests.services.redis_server import redis_server
 
@@ -74,22 +74,9 @@ def secured(deployment) -> Iterator[tuple[JobsRuntime, grpc.Channel]]:
     runtime.stop(grace_s=0)
 
 
-def _as(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
-
-
-def _code(call, request, metadata=None) -> tuple[grpc.StatusCode, str]:
-    """The status of a failing call; a streaming call is read to its end."""
-    with pytest.raises(grpc.RpcError) as error:
-        answer = call(request, metadata=metadata, timeout=10)
-        if not isinstance(answer, pb.Job | pb.ListJobsResponse):
-            list(answer)
-    return error.value.code(), error.value.details()
-
-
 def _submit(stub: jobs_pb2_grpc.JobServiceStub, key: str) -> pb.Job:
     return stub.SubmitJob(pb.SubmitJobRequest(dataset="squares", preset="tiny", model_name="squares"),
-                          metadata=_as(key), timeout=60)
+                          metadata=bearer(key), timeout=60)
 
 
 def test_calls_without_a_known_key_are_unauthenticated_and_never_echo_the_key(secured):
@@ -98,9 +85,9 @@ def test_calls_without_a_known_key_are_unauthenticated_and_never_echo_the_key(se
                           (stub.SubmitJob, pb.SubmitJobRequest(dataset="squares")),
                           (stub.CancelJob, pb.CancelJobRequest(job_id="job-1")),
                           (stub.WatchJob, pb.WatchJobRequest(job_id="job-1"))):
-        code, details = _code(call, request)
+        code, details = failure(call, request)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer KEY" in details
-        code, details = _code(call, request, [("x-api-key", "guessed-key-42")])
+        code, details = failure(call, request, [("x-api-key", "guessed-key-42")])
         assert code == grpc.StatusCode.UNAUTHENTICATED and "guessed-key-42" not in details
     assert stub.ListJobs(pb.ListJobsRequest(), metadata=[("x-api-key", ALICE)], timeout=10) is not None
 
@@ -109,33 +96,33 @@ def test_a_key_without_the_train_scope_may_read_but_not_submit_or_cancel(secured
     stub = jobs_pb2_grpc.JobServiceStub(secured[1])
     job_id = _submit(stub, ALICE).job_id
     for key, name in ((READER, "reader"), (PLAYER, "player")):
-        assert stub.ListJobs(pb.ListJobsRequest(), metadata=_as(key), timeout=10).jobs == []
-        code, details = _code(stub.SubmitJob, pb.SubmitJobRequest(dataset="squares", preset="tiny"), _as(key))
+        assert stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(key), timeout=10).jobs == []
+        code, details = failure(stub.SubmitJob, pb.SubmitJobRequest(dataset="squares", preset="tiny"), bearer(key))
         assert code == grpc.StatusCode.PERMISSION_DENIED and f"'{name}' may not train" in details
-        assert _code(stub.CancelJob, pb.CancelJobRequest(job_id=job_id), _as(key))[0] == \
+        assert failure(stub.CancelJob, pb.CancelJobRequest(job_id=job_id), bearer(key))[0] == \
             grpc.StatusCode.PERMISSION_DENIED
-    assert stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=_as(ALICE)).state == pb.JOB_STATE_QUEUED
+    assert stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=bearer(ALICE)).state == pb.JOB_STATE_QUEUED
 
 
 def test_a_job_is_invisible_to_other_keys(secured):
     stub = jobs_pb2_grpc.JobServiceStub(secured[1])
     job_id = _submit(stub, ALICE).job_id
-    missing = _code(stub.GetJob, pb.GetJobRequest(job_id="job-000000000000"), _as(BOB))
+    missing = failure(stub.GetJob, pb.GetJobRequest(job_id="job-000000000000"), bearer(BOB))
     for call, request in ((stub.GetJob, pb.GetJobRequest(job_id=job_id)),
                           (stub.CancelJob, pb.CancelJobRequest(job_id=job_id)),
                           (stub.WatchJob, pb.WatchJobRequest(job_id=job_id))):
-        code, details = _code(call, request, _as(BOB))
+        code, details = failure(call, request, bearer(BOB))
         assert code == grpc.StatusCode.NOT_FOUND == missing[0]  # told apart from a missing job by nothing
         assert details == missing[1].replace("job-000000000000", job_id)
     bobs_job = _submit(stub, BOB).job_id
-    assert [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=_as(BOB)).jobs] == [bobs_job]
-    alices = [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=_as(ALICE)).jobs]
+    assert [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(BOB)).jobs] == [bobs_job]
+    alices = [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(ALICE)).jobs]
     assert job_id in alices and bobs_job not in alices
-    first = next(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=_as(ALICE), timeout=10))
+    first = next(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=bearer(ALICE), timeout=10))
     assert first.job_id == job_id and first.state == pb.JOB_STATE_QUEUED
-    cancelled = stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=_as(ALICE))
+    cancelled = stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=bearer(ALICE))
     assert cancelled.state == pb.JOB_STATE_CANCELLED  # bob's cancel above changed nothing
-    assert [update.state for update in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=_as(ALICE),
+    assert [update.state for update in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=bearer(ALICE),
                                                      timeout=10)] == [pb.JOB_STATE_CANCELLED]
 
 
@@ -163,9 +150,9 @@ def test_keys_never_appear_in_logs_or_job_records(deployment, secured, caplog):
     with caplog.at_level(logging.DEBUG):
         job_id = _submit(stub, ALICE).job_id
         _submit(stub, BOB)
-        stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=_as(ALICE))
-        _code(stub.ListJobs, pb.ListJobsRequest(), _as("wrong-" + ALICE))
-        _code(stub.SubmitJob, pb.SubmitJobRequest(dataset="squares", preset="tiny"), _as(READER))
+        stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=bearer(ALICE))
+        failure(stub.ListJobs, pb.ListJobsRequest(), bearer("wrong-" + ALICE))
+        failure(stub.SubmitJob, pb.SubmitJobRequest(dataset="squares", preset="tiny"), bearer(READER))
     logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
     assert "job submitted" in logged and "'owner': 'alice'" in logged
     stored = _redis_text(deployment.redis_url)
@@ -191,8 +178,9 @@ def _write_record_without_owner(redis_url: str, job_id: str) -> None:
 def test_old_records_without_an_owner_are_visible_only_with_auth_off(deployment, secured):
     _write_record_without_owner(deployment.redis_url, "job-from-before")
     stub = jobs_pb2_grpc.JobServiceStub(secured[1])
-    assert _code(stub.GetJob, pb.GetJobRequest(job_id="job-from-before"), _as(ALICE))[0] == grpc.StatusCode.NOT_FOUND
-    alices = stub.ListJobs(pb.ListJobsRequest(), metadata=_as(ALICE)).jobs
+    code, _ = failure(stub.GetJob, pb.GetJobRequest(job_id="job-from-before"), bearer(ALICE))
+    assert code == grpc.StatusCode.NOT_FOUND
+    alices = stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(ALICE)).jobs
     assert "job-from-before" not in {job.job_id for job in alices}
     open_runtime = deployment.start(auth="none", api_keys_file=None)
     try:
@@ -215,7 +203,7 @@ def test_tls_job_service_serves_tls_clients_with_a_key_and_refuses_plaintext(dep
         with open_channel(address, ALICE, certs["ca.pem"]) as channel:
             assert jobs_pb2_grpc.JobServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=10) is not None
         with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as error:
-            jobs_pb2_grpc.JobServiceStub(channel).ListJobs(pb.ListJobsRequest(), metadata=_as(ALICE), timeout=5)
+            jobs_pb2_grpc.JobServiceStub(channel).ListJobs(pb.ListJobsRequest(), metadata=bearer(ALICE), timeout=5)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         runtime.stop(grace_s=0)
