@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -37,9 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument("--model", default="", help="model name (default: the gateway's first model)")
     play.add_argument("--seed", type=int, default=0)
     play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
-    play.add_argument("--api-key-file", type=Path, help="file holding the API key (default: $GENIE_API_KEY)")
-    play.add_argument("--ca-file", type=Path, help="CA certificate of a TLS gateway (default: plaintext)")
+    add_caller_options(play, "gateway")
     play.set_defaults(handler=_client_play)
+
+
+def add_caller_options(parser: argparse.ArgumentParser, server: str) -> None:
+    """--api-key-file and --ca-file of a command that calls a genie.v1 server (services/client.py reads them)."""
+    parser.add_argument("--api-key-file", type=Path, help="file holding your API key, sent as 'authorization: "
+                        "Bearer KEY' (default: the key in $GENIE_API_KEY; neither: no key)")
+    parser.add_argument("--ca-file", type=Path, help=f"CA certificate of a TLS {server} (default: plaintext)")
 
 
 def _register_model_services(serve_sub: argparse._SubParsersAction) -> None:
@@ -117,11 +122,10 @@ def _serve_gateway(args: argparse.Namespace) -> None:
 
 
 def _client_play(args: argparse.Namespace) -> None:
-    from services.client import connect, play, save_frames
+    from services.client import api_key_from, connect, play, save_frames
 
     actions = [int(a) for a in args.actions.split(",") if a.strip()]
-    api_key = args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("GENIE_API_KEY")
-    channel, stub = connect(args.address, api_key, args.ca_file)
+    channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
     with channel:
         frames = play(stub, args.image, actions, args.model, args.seed)
     gif = save_frames(frames, args.out)

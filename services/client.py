@@ -5,6 +5,7 @@ Used by `genie client play`; also a readable example of the API for backend team
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
 
 MAX_MESSAGE_BYTES = 32 * 2**20
+API_KEY_ENV = "GENIE_API_KEY"  # the key a CLI sends when no --api-key-file is given
 
 
-class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+def api_key_from(key_file: Path | None) -> str | None:
+    """The caller's API key: the file's content when given, else $GENIE_API_KEY (None: send no key)."""
+    return key_file.read_text().strip() if key_file else os.environ.get(API_KEY_ENV)
+
+
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer KEY` to every call."""
 
     def __init__(self, key: str):
@@ -31,14 +39,16 @@ class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientIntercept
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_key(details), request)
 
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._with_key(details), request_iterator)
 
 
-def connect(address: str, api_key: str | None = None,
-            ca_file: Path | None = None) -> tuple[grpc.Channel, world_pb2_grpc.WorldServiceStub]:
-    """A channel to the gateway: TLS when ca_file (the CA that signed the gateway's certificate) is given,
-    every call carrying api_key when given."""
+def open_channel(address: str, api_key: str | None = None, ca_file: Path | None = None) -> grpc.Channel:
+    """A channel to a genie.v1 server (gateway or job service): TLS when ca_file (the CA that signed the
+    server's certificate) is given, every call carrying api_key when given."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     if ca_file is not None:
@@ -47,6 +57,13 @@ def connect(address: str, api_key: str | None = None,
         channel = grpc.insecure_channel(address, options=options)
     if api_key:
         channel = grpc.intercept_channel(channel, _ApiKey(api_key))
+    return channel
+
+
+def connect(address: str, api_key: str | None = None,
+            ca_file: Path | None = None) -> tuple[grpc.Channel, world_pb2_grpc.WorldServiceStub]:
+    """A channel to the gateway and its WorldService stub (see open_channel)."""
+    channel = open_channel(address, api_key, ca_file)
     return channel, world_pb2_grpc.WorldServiceStub(channel)
 
 

@@ -12,7 +12,29 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class GatewaySettings(BaseSettings):
+class ServerSecurity(BaseSettings):
+    """Who may call a genie.v1 server and over what channel (services/auth.py): API keys, scopes and TLS.
+
+    Shared by GatewaySettings and JobsSettings, each under its own prefix (GENIE_GATEWAY_AUTH, GENIE_JOBS_AUTH...).
+    Keys are hashed when read; only hashes are kept.
+    """
+
+    auth: Literal["api-key", "none"] = Field(
+        "api-key", description="api-key: every service call needs a known key; none: no auth (development "
+        "only; every caller is 'anonymous')")
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict, description='caller name -> API key or "sha256:HEX" of it, JSON; all scopes '
+        '(prefer api_keys_file: environment variables leak into process listings)')
+    api_keys_file: Path | None = Field(
+        None, description="secret file, one 'NAME KEY [SCOPES]' or 'NAME sha256:HEX [SCOPES]' per line; scopes "
+        "read, play, train, comma-separated (default: all)")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS (with tls_key_file)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: require client certificates it "
+                                            "signed (mTLS)")
+
+
+class GatewaySettings(ServerSecurity):
     """The session gateway (`genie serve gateway`); env prefix GENIE_GATEWAY_."""
 
     model_config = SettingsConfigDict(env_prefix="GENIE_GATEWAY_", frozen=True)
@@ -44,21 +66,9 @@ class GatewaySettings(BaseSettings):
                                  description="world_store=redis: redis://[:PASSWORD@]HOST:PORT/DB (never logged)")
     redis_timeout_s: float = Field(2.0, gt=0, description="world_store=redis: connect and command timeout")
     world_store_prefix: str = Field("genie:", description="world_store=redis: key prefix of this deployment")
-    # Callers (services/gateway/auth.py). Keys are hashed when read; only hashes are kept.
-    auth: Literal["api-key", "none"] = Field(
-        "api-key", description="api-key: every WorldService call needs a known key; none: no auth (development "
-        "only; every caller is 'anonymous')")
-    api_keys: dict[str, SecretStr] = Field(
-        default_factory=dict, description='caller name -> API key or "sha256:HEX" of it, JSON '
-        '(prefer api_keys_file: environment variables leak into process listings)')
-    api_keys_file: Path | None = Field(None, description="secret file, one 'NAME KEY' or 'NAME sha256:HEX' per line")
     max_worlds_per_key: int = Field(16, ge=1, description="open worlds one caller may hold")
     steps_per_second_per_key: float = Field(200.0, gt=0, description="sustained steps/s one caller may run "
                                             "(bursts up to one second's worth) on this gateway")
-    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS (with tls_key_file)")
-    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
-    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: require client certificates it "
-                                            "signed (mTLS)")
     # Used only by backend="triton" (services/backends/triton.py): where each model's three Triton services
     # listen. JSON: {"coinrun": {"tokenizer": "10.0.0.5:8001", "lam": "10.0.0.6:8001", "dynamics": "10.0.0.7:8001"}}
     triton_endpoints: dict[str, dict[str, str]] = Field(
@@ -94,12 +104,12 @@ class StoreSettings(BaseSettings):
     cache_dir: str = Field("out/model-cache", description="where loaded model versions are kept locally")
 
 
-class JobsSettings(BaseSettings):
+class JobsSettings(ServerSecurity):
     """The training-job API (`genie serve jobs`); env prefix GENIE_JOBS_. Store settings: GENIE_STORE_*."""
 
     model_config = SettingsConfigDict(env_prefix="GENIE_JOBS_", frozen=True)
 
-    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind (0.0.0.0: all interfaces)")
     port: int = Field(50061, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="job records, Celery broker and results")

@@ -1,6 +1,7 @@
 """Domain errors of the gateway; server.py maps each to one gRPC status code, in one place.
 
 Messages are written for the person calling the API: they say what was wrong and what is allowed.
+Unauthenticated and PermissionDenied are services/auth.py's, shared with the job service.
 """
 
 
@@ -35,10 +36,3 @@ class FailedPrecondition(GatewayError):
 class Aborted(GatewayError):
     """Another gateway changed the world at the same time; nothing was applied by this call."""
 
-
-class Unauthenticated(GatewayError):
-    pass
-
-
-class PermissionDenied(GatewayError):
-    pass

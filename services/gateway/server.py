@@ -27,9 +27,10 @@ from genie.v1 import world_pb2_grpc
 from services import registry
 from services.backends.base import BackendError, ModelBackend
 from services.gateway import convert, limits
-from services.gateway.auth import PLAY, READ, Authenticator, Caller, StepQuota
+from services.auth import PLAY, READ, Authenticator, Caller, PermissionDenied, Unauthenticated, server_credentials
+from services.gateway.auth import StepQuota
 from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
-                                     PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+                                     ResourceExhausted, Unavailable)
 from services.gateway.gateway import Frame, Gateway
 from services.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from services.settings import GatewaySettings
@@ -204,19 +205,6 @@ def build_catalog(settings: GatewaySettings) -> ModelCatalog | None:
 
     store_settings = StoreSettings()
     return ModelCatalog(open_store(store_settings), Path(store_settings.cache_dir))
-
-
-def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
-    """TLS credentials when a certificate is configured (mTLS when a client CA is too); None: plaintext."""
-    if settings.tls_cert_file is None and settings.tls_key_file is None:
-        if settings.tls_client_ca_file is not None:
-            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file as well")
-        return None
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        raise ValueError("TLS needs both tls_cert_file and tls_key_file")
-    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 class GatewayRuntime:

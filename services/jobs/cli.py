@@ -8,11 +8,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_ADDRESS = "127.0.0.1:50061"
 
 
 def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubParsersAction) -> None:
+    from services.cli import add_caller_options  # services.cli calls this register: no import cycle at load
+
     serve = serve_sub.add_parser("jobs", help="the genie.v1 JobService (GENIE_JOBS_*, store: GENIE_STORE_*)")
     serve.add_argument("--port", type=int, help="gRPC port (overrides GENIE_JOBS_PORT)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (overrides GENIE_JOBS_METRICS_PORT)")
@@ -23,8 +26,13 @@ def register(subparsers: argparse._SubParsersAction, serve_sub: argparse._SubPar
     worker.set_defaults(handler=_worker)
     _register_pod_stage(worker.add_subparsers(dest="worker_command"))
 
-    jobs = subparsers.add_parser("jobs", help="submit and follow training jobs")
+    jobs = subparsers.add_parser(
+        "jobs", help="submit and follow training jobs",
+        description="Talks to the job service (genie serve jobs). Each call carries your API key: a job belongs to "
+        "the key that submitted it, and other keys neither see nor cancel it. submit and cancel need a key with the "
+        "train scope, get/watch/list the read scope. No key or an unknown one: UNAUTHENTICATED (exit 2).")
     jobs.add_argument("--address", default=DEFAULT_ADDRESS, help="job service host:port")
+    add_caller_options(jobs, "job service")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
     submit = jobs_sub.add_parser("submit", help="train a world from a dataset in the store and publish it")
     submit.add_argument("--dataset", required=True, help="dataset name (genie datasets upload DIR --name NAME)")
@@ -175,12 +183,11 @@ def _worker(args: argparse.Namespace) -> None:
     run_worker(settings, StoreSettings())
 
 
-def _stub(address: str):
-    import grpc
-
+def _stub(args: argparse.Namespace):
     from genie.v1 import jobs_pb2_grpc
+    from services.client import api_key_from, open_channel
 
-    channel = grpc.insecure_channel(address)
+    channel = open_channel(args.address, api_key_from(args.api_key_file), args.ca_file)
     return channel, jobs_pb2_grpc.JobServiceStub(channel)
 
 
@@ -196,15 +203,31 @@ def _rpc(function, *args):
     try:
         return function(*args)
     except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(error)
+
+
+def _watch_updates(stub, job_id: str):
+    """WatchJob's updates; a status that ends the stream (e.g. UNAUTHENTICATED, NOT_FOUND) exits as _rpc does."""
+    import grpc
+
+    from genie.v1 import jobs_pb2 as pb
+
+    try:
+        yield from stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    except grpc.RpcError as error:
+        _exit_with(error)
+
+
+def _exit_with(error) -> NoReturn:
+    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _submit(args: argparse.Namespace) -> None:
     from genie.v1 import jobs_pb2 as pb
 
     overrides = _pairs(args.set)
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(args)
     with channel:
         job = _rpc(stub.SubmitJob, pb.SubmitJobRequest(dataset=args.dataset, preset=args.preset,
                                                        model_name=args.model_name, overrides=overrides))
@@ -216,7 +239,7 @@ def _submit(args: argparse.Namespace) -> None:
 def _get_or_cancel(args: argparse.Namespace) -> None:
     from genie.v1 import jobs_pb2 as pb
 
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(args)
     with channel:
         if args.jobs_command == "get":
             job = _rpc(stub.GetJob, pb.GetJobRequest(job_id=args.job_id))
@@ -226,7 +249,7 @@ def _get_or_cancel(args: argparse.Namespace) -> None:
 
 
 def _watch(args: argparse.Namespace) -> None:
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(args)
     with channel:
         _follow(stub, args.job_id)
 
@@ -238,7 +261,7 @@ def _follow(stub, job_id: str) -> None:
     from genie.v1 import jobs_pb2 as pb
 
     bar, stage, job = None, None, None
-    for job in _rpc(stub.WatchJob, pb.WatchJobRequest(job_id=job_id)):
+    for job in _watch_updates(stub, job_id):
         if job.stage != stage:
             if bar is not None:
                 bar.close()
@@ -263,7 +286,7 @@ def _follow(stub, job_id: str) -> None:
 def _list(args: argparse.Namespace) -> None:
     from genie.v1 import jobs_pb2 as pb
 
-    channel, stub = _stub(args.address)
+    channel, stub = _stub(args)
     with channel:
         for job in _rpc(stub.ListJobs, pb.ListJobsRequest(limit=args.limit)).jobs:
             state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()

@@ -1,4 +1,5 @@
-"""Job records in Redis: one JSON document per job (`genie:job:<id>`), a time-ordered index, and per-job leases.
+"""Job records in Redis: one JSON document per job (`genie:job:<id>`), time-ordered indexes (all jobs, and each
+owner's), and per-job leases.
 
 Every change goes through `update`, a WATCH/MULTI transaction, so the worker's progress reports and a
 CancelJob never overwrite each other; `revision` counts changes so WatchJob streams each one once.
@@ -19,6 +20,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 _PREFIX = "genie:job:"
 _INDEX = "genie:jobs"
+_OWNER_INDEX = "genie:jobs:owner:"  # + owner name: that owner's jobs, time-ordered
 
 
 class JobNotFound(LookupError):
@@ -32,6 +34,9 @@ class JobRecord:
     preset: str
     model_name: str
     overrides: dict[str, int] = field(default_factory=dict)
+    # The name of the API key that submitted the job (never the key); "anonymous" with auth off. Records
+    # written before jobs had owners read as "": they belong to no key (services/jobs/service.py).
+    owner: str = ""
     state: str = QUEUED
     stage: str = STAGES[0]
     step: int = 0
@@ -72,14 +77,15 @@ class JobRecords:
     def from_url(cls, url: str) -> JobRecords:
         return cls(redis.Redis.from_url(url))
 
-    def create(self, dataset: str, preset: str, model_name: str, overrides: dict[str, int]) -> JobRecord:
+    def create(self, dataset: str, preset: str, model_name: str, overrides: dict[str, int], owner: str) -> JobRecord:
         now = time.time()
         record = JobRecord(job_id="job-" + uuid.uuid4().hex[:12], dataset=dataset, preset=preset,
-                           model_name=model_name, overrides=dict(overrides), created_at=now, updated_at=now,
-                           message="queued", revision=1)
+                           model_name=model_name, overrides=dict(overrides), owner=owner, created_at=now,
+                           updated_at=now, message="queued", revision=1)
         pipe = self.redis.pipeline()
         pipe.set(_PREFIX + record.job_id, record.to_json())
         pipe.zadd(_INDEX, {record.job_id: now})
+        pipe.zadd(_OWNER_INDEX + owner, {record.job_id: now})
         pipe.execute()
         return record
 
@@ -89,8 +95,10 @@ class JobRecords:
             raise JobNotFound(f"no job {job_id!r}; list jobs with `genie jobs list`")
         return JobRecord.from_json(raw)
 
-    def list(self, limit: int = 100) -> list[JobRecord]:
-        ids = [raw.decode() for raw in self.redis.zrevrange(_INDEX, 0, limit - 1)]
+    def list(self, limit: int = 100, owner: str | None = None) -> list[JobRecord]:
+        """The newest `limit` jobs, of `owner` only when given."""
+        index = _INDEX if owner is None else _OWNER_INDEX + owner
+        ids = [raw.decode() for raw in self.redis.zrevrange(index, 0, limit - 1)]
         values = self.redis.mget([_PREFIX + job_id for job_id in ids]) if ids else []
         return [JobRecord.from_json(raw) for raw in values if raw is not None]
 

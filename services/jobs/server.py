@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from genie.v1 import jobs_pb2_grpc
+from services.auth import Authenticator, server_credentials
 from services.jobs.records import STAGES, JobRecords
 from services.jobs.service import JobManager, JobServicer
 from services.metrics import MetricsServer, serve_metrics
@@ -55,21 +56,28 @@ class JobsRuntime:
 
 
 def start(settings: JobsSettings, store_settings: StoreSettings) -> JobsRuntime:
+    auth = Authenticator(settings)  # refuses to start without keys unless auth is off
+    credentials = server_credentials(settings)
     records = JobRecords.from_url(settings.redis_url)
     app = make_app(settings.redis_url, settings.queue)
-    manager = JobManager(records, open_store(store_settings), app, settings.queue)
+    manager = JobManager(records, open_store(store_settings), app, settings.queue, private=auth.enabled)
     registry = CollectorRegistry()
     registry.register(JobStateCollector(records))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.rpc_threads))
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(manager, settings.watch_poll_s), server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(manager, auth, settings.watch_poll_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"  # health is served without a key; JobService calls need one
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics = serve_metrics(registry, settings.metrics_port)
-    logger.info("job service listening", extra={"port": port, "metrics_port": metrics.port, "stages": STAGES})
+    metrics = serve_metrics(registry, settings.metrics_port, settings.host)
+    logger.info("job service listening", extra={"port": port, "metrics_port": metrics.port, "stages": STAGES,
+                                                 "auth": settings.auth, "tls": credentials is not None})
     return JobsRuntime(server, port, metrics)
 
 

@@ -1,6 +1,8 @@
 """The genie.v1 JobService: a thin servicer over JobManager (submit, get, list, cancel, watch).
 
-Errors map to gRPC codes in one place (`status_for`); every message says what to send instead.
+Every call is authenticated (services/auth.py): submit and cancel need the train scope, the rest read. A job
+belongs to the key that submitted it; errors map to gRPC codes in one place (`status_for`); every message
+says what to send instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from celery import Celery
 
 from genie.v1 import jobs_pb2 as pb
 from genie.v1 import jobs_pb2_grpc
+from services.auth import READ, TRAIN, Authenticator, Caller, PermissionDenied, Unauthenticated
 from services.jobs.records import STAGES, JobNotFound, JobRecord, JobRecords
 from services.jobs.spec import InvalidJob, validate
 from services.stores.base import ObjectStore, StoreError, StoreUnavailable
@@ -25,22 +28,42 @@ _STATES = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING, "succ
 
 
 class JobManager:
-    """The job API's domain logic, free of gRPC."""
+    """The job API's domain logic, free of gRPC.
 
-    def __init__(self, records: JobRecords, store: ObjectStore, app: Celery, queue: str):
-        self.records, self.store, self.app, self.queue = records, store, app, queue
+    With `private` (auth on) a caller sees only the jobs its key submitted: another key's job, or one
+    written before jobs had owners, is "not found", exactly as a job that does not exist. Without (auth off,
+    every caller is "anonymous") every caller sees every job.
+    """
 
-    def submit(self, dataset: str, preset: str, overrides: dict[str, str], model_name: str) -> JobRecord:
+    def __init__(self, records: JobRecords, store: ObjectStore, app: Celery, queue: str, private: bool = True):
+        self.records, self.store, self.app, self.queue, self.private = records, store, app, queue, private
+
+    def submit(self, caller: Caller, dataset: str, preset: str, overrides: dict[str, str],
+               model_name: str) -> JobRecord:
         spec = validate(self.store, dataset, preset, overrides, model_name)
-        record = self.records.create(spec.dataset, spec.preset, spec.model_name, spec.overrides)
+        record = self.records.create(spec.dataset, spec.preset, spec.model_name, spec.overrides, caller.name)
         enqueue_stage(self.app, record.job_id, STAGES[0], self.queue)
-        logger.info("job submitted", extra={"job_id": record.job_id, "dataset": dataset, "preset": preset})
+        logger.info("job submitted", extra={"job_id": record.job_id, "owner": caller.name, "dataset": dataset,
+                                            "preset": preset})
         return record
 
-    def watch(self, job_id: str, poll_s: float, alive) -> Iterator[JobRecord]:
+    def get(self, caller: Caller, job_id: str) -> JobRecord:
+        record = self.records.get(job_id)
+        if self.private and record.owner != caller.name:
+            raise JobNotFound(f"no job {job_id!r}; list jobs with `genie jobs list`")
+        return record
+
+    def list(self, caller: Caller, limit: int) -> list[JobRecord]:
+        return self.records.list(limit, owner=caller.name if self.private else None)
+
+    def cancel(self, caller: Caller, job_id: str) -> JobRecord:
+        self.get(caller, job_id)  # the owner never changes, so checking first leaves no window
+        return self.records.cancel(job_id)
+
+    def watch(self, caller: Caller, job_id: str, poll_s: float, alive) -> Iterator[JobRecord]:
         revision = -1
         while alive():
-            record = self.records.get(job_id)
+            record = self.get(caller, job_id)
             if record.revision != revision:
                 revision = record.revision
                 yield record
@@ -62,6 +85,10 @@ def to_proto(record: JobRecord) -> pb.Job:
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(error)
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, str(error)
     if isinstance(error, InvalidJob):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, JobNotFound):
@@ -74,8 +101,8 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager, watch_poll_s: float):
-        self.manager, self.watch_poll_s = manager, watch_poll_s
+    def __init__(self, manager: JobManager, auth: Authenticator, watch_poll_s: float):
+        self.manager, self.auth, self.watch_poll_s = manager, auth, watch_poll_s
 
     def _call(self, context: grpc.ServicerContext, function, *args):
         try:
@@ -86,22 +113,26 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 logger.exception("job service call failed")
             context.abort(code, message)
 
+    def _caller(self, context: grpc.ServicerContext, scope: str) -> Caller:
+        return self._call(context, self.auth.caller, context.invocation_metadata() or (), scope)
+
     def SubmitJob(self, request, context):
-        return to_proto(self._call(context, self.manager.submit, request.dataset, request.preset,
-                                   dict(request.overrides), request.model_name))
+        return to_proto(self._call(context, self.manager.submit, self._caller(context, TRAIN), request.dataset,
+                                   request.preset, dict(request.overrides), request.model_name))
 
     def GetJob(self, request, context):
-        return to_proto(self._call(context, self.manager.records.get, request.job_id))
+        return to_proto(self._call(context, self.manager.get, self._caller(context, READ), request.job_id))
 
     def ListJobs(self, request, context):
-        records = self._call(context, self.manager.records.list, request.limit or 100)
+        records = self._call(context, self.manager.list, self._caller(context, READ), request.limit or 100)
         return pb.ListJobsResponse(jobs=[to_proto(record) for record in records])
 
     def CancelJob(self, request, context):
-        return to_proto(self._call(context, self.manager.records.cancel, request.job_id))
+        return to_proto(self._call(context, self.manager.cancel, self._caller(context, TRAIN), request.job_id))
 
     def WatchJob(self, request, context):
-        updates = self.manager.watch(request.job_id, self.watch_poll_s, context.is_active)
+        updates = self.manager.watch(self._caller(context, READ), request.job_id, self.watch_poll_s,
+                                     context.is_active)
         while True:
             record = self._call(context, next, updates, None)
             if record is None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -71,3 +74,37 @@ def wait_serving(port: int, timeout_s: float = 90, describe=lambda: "") -> None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"nothing serving on port {port}: {error.code()}\n{describe()}") from error
             time.sleep(0.1)
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    paths = {name: directory / name for name in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
+                                                 "client.pem", "san.ext")}
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=genie-test-ca",
+            "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
+    paths["san.ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        request = directory / f"{who}.csr"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(paths[f"{who}.key"]),
+                "-out", str(request))
+        openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
+                "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
+    return paths
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    """Call metadata carrying an API key."""
+    return [("authorization", f"Bearer {key}")]
+
+
+def failure(call, request, metadata=None) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a call that must fail; a streaming call's answer is read to its end."""
+    with pytest.raises(grpc.RpcError) as error:
+        answer = call(request, metadata=metadata, timeout=60)
+        if isinstance(answer, grpc.Call):
+            list(answer)
+    return error.value.code(), error.value.details()

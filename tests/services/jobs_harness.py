@@ -27,6 +27,8 @@ from tests.services.jobs_servers import RedisServer, S3Server
 
 GENIE = str(Path(sys.executable).parent / "genie")
 # Tiny jobs: a few steps per stage, checkpoints often, so the fault tests have something to resume from.
+# The key of the test stack's one caller (read and train scopes); each stub and CLI call sends it.
+API_KEY = "jobs-test-key-" + os.urandom(8).hex()
 TINY = {"tokenizer_steps": "3", "lam_steps": "2", "dynamics_steps": "3", "batch_size": "2", "checkpoint_every": "2",
         "eval_clips": "2", "eval_horizon": "4"}
 
@@ -89,8 +91,10 @@ class JobsStack:
         return self.s3.env(bucket=self.bucket, GENIE_STORE_RETRY_S="20") | overrides
 
     def start_service(self) -> None:
+        keys = self.tmp / "job-api-keys"
+        keys.write_text(f"tests {API_KEY} read,train\n")
         env = self.store_env() | {"GENIE_JOBS_REDIS_URL": self.redis.url, "GENIE_JOBS_QUEUE": self.queue,
-                                  "GENIE_JOBS_WATCH_POLL_S": "0.1"}
+                                  "GENIE_JOBS_WATCH_POLL_S": "0.1", "GENIE_JOBS_API_KEYS_FILE": str(keys)}
         self.service = spawn(["serve", "jobs", "--port", str(self.port), "--metrics-port", str(self.metrics_port)],
                              env, self.tmp / "jobs-service.log")
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -116,7 +120,9 @@ class JobsStack:
         return proc
 
     def stub(self) -> jobs_pb2_grpc.JobServiceStub:
-        return jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+        from services.client import open_channel
+
+        return jobs_pb2_grpc.JobServiceStub(open_channel(f"127.0.0.1:{self.port}", API_KEY))
 
     def submit(self, model_name: str, dataset: str = "squares", **overrides: str) -> pb.Job:
         return self.stub().SubmitJob(pb.SubmitJobRequest(dataset=dataset, preset="tiny", model_name=model_name,

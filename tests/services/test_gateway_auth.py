@@ -4,8 +4,6 @@ and reflection, keys never logged; and TLS with client certificates (mTLS) for t
 from __future__ import annotations
 
 import logging
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,11 +12,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
-from services.gateway.auth import hash_key
+from services.auth import hash_key
 from services.gateway.server import GatewayRuntime
 from services.settings import GatewaySettings
 from tests.services.conftest import gateway_settings
-from tests.services.helpers import MODEL_NAME, create_request, open_channel
+from tests.services.helpers import MODEL_NAME, bearer, certificates, create_request, failure, open_channel
 
 pytestmark = pytest.mark.integration
 
@@ -40,60 +38,50 @@ def secured(world_checkpoint, tmp_path_factory):
     runtime.stop(grace_s=0)
 
 
-def _as(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
-
-
-def _code(call, request, metadata=None) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as error:
-        call(request, metadata=metadata)
-    return error.value.code(), error.value.details()
-
-
 def test_calls_without_a_known_key_are_unauthenticated_and_never_echo_the_key(secured):
     _, stub, _ = secured
-    assert _code(stub.ListModels, pb.ListModelsRequest())[0] == grpc.StatusCode.UNAUTHENTICATED
-    code, details = _code(stub.ListWorlds, pb.ListWorldsRequest(), [("x-api-key", "guessed-key-42")])
+    assert failure(stub.ListModels, pb.ListModelsRequest())[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, details = failure(stub.ListWorlds, pb.ListWorldsRequest(), [("x-api-key", "guessed-key-42")])
     assert code == grpc.StatusCode.UNAUTHENTICATED and "guessed-key-42" not in details
     assert stub.ListModels(pb.ListModelsRequest(), metadata=[("x-api-key", ALICE)]).models[0].name == MODEL_NAME
 
 
 def test_a_world_is_invisible_to_other_keys(secured):
     _, stub, _ = secured
-    world_id = stub.CreateWorld(create_request(), metadata=_as(ALICE)).world.world_id
+    world_id = stub.CreateWorld(create_request(), metadata=bearer(ALICE)).world.world_id
     for call, request in ((stub.GetWorld, pb.GetWorldRequest(world_id=world_id)),
                           (stub.StepWorld, pb.StepWorldRequest(world_id=world_id, action=0)),
                           (stub.CloseWorld, pb.CloseWorldRequest(world_id=world_id))):
-        assert _code(call, request, _as(BOB))[0] == grpc.StatusCode.NOT_FOUND
-    assert [w.world_id for w in stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(ALICE)).worlds] == [world_id]
-    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(BOB)).worlds == []
-    assert stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=1), metadata=_as(ALICE)).step == 1
-    stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(ALICE))
+        assert failure(call, request, bearer(BOB))[0] == grpc.StatusCode.NOT_FOUND
+    assert [w.world_id for w in stub.ListWorlds(pb.ListWorldsRequest(), metadata=bearer(ALICE)).worlds] == [world_id]
+    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=bearer(BOB)).worlds == []
+    assert stub.StepWorld(pb.StepWorldRequest(world_id=world_id, action=1), metadata=bearer(ALICE)).step == 1
+    stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=bearer(ALICE))
 
 
 def test_a_read_only_key_may_list_but_not_play(secured):
     _, stub, _ = secured
-    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=_as(READER)).worlds == []
-    code, details = _code(stub.CreateWorld, create_request(), _as(READER))
+    assert stub.ListWorlds(pb.ListWorldsRequest(), metadata=bearer(READER)).worlds == []
+    code, details = failure(stub.CreateWorld, create_request(), bearer(READER))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "'reader' may not play" in details
 
 
 def test_per_key_quotas_answer_resource_exhausted(secured):
     _, stub, _ = secured
-    worlds = [stub.CreateWorld(create_request(), metadata=_as(CAROL)).world.world_id for _ in range(2)]
-    code, details = _code(stub.CreateWorld, create_request(), _as(CAROL))
+    worlds = [stub.CreateWorld(create_request(), metadata=bearer(CAROL)).world.world_id for _ in range(2)]
+    code, details = failure(stub.CreateWorld, create_request(), bearer(CAROL))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 2 open worlds" in details
-    stub.CreateWorld(create_request(), metadata=_as(ALICE))  # another key's quota is its own
+    stub.CreateWorld(create_request(), metadata=bearer(ALICE))  # another key's quota is its own
     codes = []
     for _ in range(3):  # a burst beyond 0.5 steps/s (bursts of 1)
         try:
-            stub.StepWorld(pb.StepWorldRequest(world_id=worlds[0], action=0), metadata=_as(CAROL))
+            stub.StepWorld(pb.StepWorldRequest(world_id=worlds[0], action=0), metadata=bearer(CAROL))
             codes.append(grpc.StatusCode.OK)
         except grpc.RpcError as error:
             codes.append(error.code())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and codes[0] == grpc.StatusCode.OK
     for world_id in worlds:
-        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(CAROL))
+        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=bearer(CAROL))
 
 
 def test_health_and_reflection_need_no_key(secured):
@@ -108,9 +96,9 @@ def test_health_and_reflection_need_no_key(secured):
 def test_keys_never_appear_in_logs(secured, caplog):
     _, stub, _ = secured
     with caplog.at_level(logging.DEBUG):
-        world_id = stub.CreateWorld(create_request(), metadata=_as(ALICE)).world.world_id
-        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=_as(ALICE))
-        _code(stub.ListWorlds, pb.ListWorldsRequest(), _as("wrong-" + ALICE))
+        world_id = stub.CreateWorld(create_request(), metadata=bearer(ALICE)).world.world_id
+        stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id), metadata=bearer(ALICE))
+        failure(stub.ListWorlds, pb.ListWorldsRequest(), bearer("wrong-" + ALICE))
     logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
     assert "world created" in logged and ALICE not in logged and BOB not in logged
 
@@ -121,28 +109,8 @@ def test_gateway_with_auth_on_and_no_keys_refuses_to_start(world_checkpoint):
                                        auth="api-key"))
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
-    paths = {name: directory / name for name in ("ca.key", "ca.pem", "server.key", "server.pem", "client.key",
-                                                 "client.pem", "san.ext")}
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=genie-test-ca",
-             "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]))
-    paths["san.ext"].write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for who in ("server", "client"):
-        request = directory / f"{who}.csr"
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", str(paths[f"{who}.key"]),
-                 "-out", str(request))
-        _openssl("x509", "-req", "-in", str(request), "-CA", str(paths["ca.pem"]), "-CAkey", str(paths["ca.key"]),
-                 "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.ext"]), "-out", str(paths[f"{who}.pem"]))
-    return paths
-
-
 def test_tls_gateway_serves_clients_with_a_certificate_and_refuses_others(world_checkpoint, tmp_path):
-    certs = _certificates(tmp_path)
+    certs = certificates(tmp_path)
     settings = gateway_settings({"models": {MODEL_NAME: str(world_checkpoint)}, "tls_cert_file": certs["server.pem"],
                                  "tls_key_file": certs["server.key"], "tls_client_ca_file": certs["ca.pem"]})
     runtime = GatewayRuntime(settings).start()

@@ -162,11 +162,13 @@ def test_store_fault_fails_the_job_with_a_message_naming_the_cause(jobs_stack, t
 def test_cli_submits_lists_cancels_and_watches_a_job(jobs_stack):
     import subprocess
 
-    from tests.services.jobs_harness import GENIE
+    import os
+
+    from tests.services.jobs_harness import API_KEY, GENIE
 
     def genie(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GENIE, "jobs", "--address", f"127.0.0.1:{jobs_stack.port}", *args],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "GENIE_API_KEY": API_KEY})
 
     submitted = genie("submit", "--dataset", "squares", "--model-name", "cli", "--set", "tokenizer_steps=2")
     job_id = submitted.stdout.strip()
