@@ -109,6 +109,11 @@ def _key_from(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return None
 
 
+def add_port(server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind address on a grpc or grpc.aio server: TLS with credentials, plaintext without; -> the bound port."""
+    return server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+
+
 def server_credentials(settings: ServerSecurity) -> grpc.ServerCredentials | None:
     """TLS credentials when a certificate is configured (mTLS when a client CA is too); None: plaintext."""
     if settings.tls_cert_file is None and settings.tls_key_file is None:

@@ -27,7 +27,8 @@ from genie.v1 import world_pb2_grpc
 from services import registry
 from services.backends.base import BackendError, ModelBackend
 from services.gateway import convert, limits
-from services.auth import PLAY, READ, Authenticator, Caller, PermissionDenied, Unauthenticated, server_credentials
+from services.auth import (PLAY, READ, Authenticator, Caller, PermissionDenied, Unauthenticated, add_port,
+                           server_credentials)
 from services.gateway.auth import StepQuota
 from services.gateway.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
                                      ResourceExhausted, Unavailable)
@@ -241,10 +242,7 @@ class GatewayRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        address = f"{self.settings.host}:{self.settings.port}"
-        if credentials is None:
-            return self.server.add_insecure_port(address)
-        return self.server.add_secure_port(address, credentials)
+        return add_port(self.server, f"{self.settings.host}:{self.settings.port}", credentials)
 
     async def _start(self) -> None:
         await self.server.start()

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from genie.v1 import jobs_pb2_grpc
-from services.auth import Authenticator, server_credentials
+from services.auth import Authenticator, add_port, server_credentials
 from services.jobs.records import STAGES, JobRecords
 from services.jobs.service import JobManager, JobServicer
 from services.metrics import MetricsServer, serve_metrics
@@ -67,11 +67,8 @@ def start(settings: JobsSettings, store_settings: StoreSettings) -> JobsRuntime:
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(manager, auth, settings.watch_poll_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{settings.host}:{settings.port}"  # health is served without a key; JobService calls need one
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    # Health is served without a key; JobService calls need one.
+    port = add_port(server, f"{settings.host}:{settings.port}", credentials)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
