@@ -81,7 +81,7 @@ def to_proto(record: JobRecord) -> pb.Job:
         eta_seconds=record.eta_seconds, last_checkpoint=record.last_checkpoint, error=record.error,
         model_version=str(record.model_version or ""), eval_metrics=record.eval_metrics,
         created_at=record.created_at, updated_at=record.updated_at, attempt=record.attempt,
-        resumed_from_step=record.resumed_from_step, message=record.message)
+        resumed_from_step=record.resumed_from_step, message=record.message, owner=record.owner)
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:

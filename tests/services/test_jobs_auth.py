@@ -116,8 +116,8 @@ def test_a_job_is_invisible_to_other_keys(secured):
         assert details == missing[1].replace("job-000000000000", job_id)
     bobs_job = _submit(stub, BOB).job_id
     assert [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(BOB)).jobs] == [bobs_job]
-    alices = [job.job_id for job in stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(ALICE)).jobs]
-    assert job_id in alices and bobs_job not in alices
+    alices = {job.job_id: job.owner for job in stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(ALICE)).jobs}
+    assert alices[job_id] == "alice" and bobs_job not in alices  # a job names the key that submitted it
     first = next(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=bearer(ALICE), timeout=10))
     assert first.job_id == job_id and first.state == pb.JOB_STATE_QUEUED
     cancelled = stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=bearer(ALICE))
@@ -186,7 +186,8 @@ def test_old_records_without_an_owner_are_visible_only_with_auth_off(deployment,
     try:
         with grpc.insecure_channel(f"127.0.0.1:{open_runtime.port}") as channel:
             anyone = jobs_pb2_grpc.JobServiceStub(channel)
-            assert anyone.GetJob(pb.GetJobRequest(job_id="job-from-before"), timeout=10).model_name == "old"
+            old = anyone.GetJob(pb.GetJobRequest(job_id="job-from-before"), timeout=10)
+            assert (old.model_name, old.owner) == ("old", "")
             job_id = anyone.SubmitJob(pb.SubmitJobRequest(dataset="squares", preset="tiny"), timeout=10).job_id
             assert {"job-from-before", job_id} <= {job.job_id for job in anyone.ListJobs(pb.ListJobsRequest()).jobs}
     finally:

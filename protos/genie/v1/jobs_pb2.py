@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13genie/v1/jobs.proto\x12\x08genie.v1\"\xb7\x01\n\x10SubmitJobRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12<\n\toverrides\x18\x03 \x03(\x0b\x32).genie.v1.SubmitJobRequest.OverridesEntry\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.genie.v1.JobState\x12!\n\x05stage\x18\x03 \x01(\x0e\x32\x12.genie.v1.JobStage\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0e\n\x06preset\x18\x05 \x01(\t\x12/\n\toverrides\x18\x06 \x03(\x0b\x32\x1c.genie.v1.Job.OverridesEntry\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x12)\n\x06losses\x18\n \x03(\x0b\x32\x19.genie.v1.Job.LossesEntry\x12\x19\n\x11\x66rames_per_second\x18\x0b \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0c \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\r \x01(\t\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\t\x12\x34\n\x0c\x65val_metrics\x18\x10 \x03(\x0b\x32\x1e.genie.v1.Job.EvalMetricsEntry\x12\x12\n\ncreated_at\x18\x11 \x01(\x01\x12\x12\n\nupdated_at\x18\x12 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x13 \x01(\x05\x12\x19\n\x11resumed_from_step\x18\x14 \x01(\x03\x12\x0f\n\x07message\x18\x15 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x45valMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.genie.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\x95\x01\n\x08JobStage\x12\x19\n\x15JOB_STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STAGE_DATA\x10\x01\x12\x17\n\x13JOB_STAGE_TOKENIZER\x10\x02\x12\x16\n\x12JOB_STAGE_DYNAMICS\x10\x03\x12\x12\n\x0eJOB_STAGE_EVAL\x10\x04\x12\x15\n\x11JOB_STAGE_PUBLISH\x10\x05\x32\xa9\x02\n\nJobService\x12\x36\n\tSubmitJob\x12\x1a.genie.v1.SubmitJobRequest\x1a\r.genie.v1.Job\x12\x30\n\x06GetJob\x12\x17.genie.v1.GetJobRequest\x1a\r.genie.v1.Job\x12\x41\n\x08ListJobs\x12\x19.genie.v1.ListJobsRequest\x1a\x1a.genie.v1.ListJobsResponse\x12\x36\n\tCancelJob\x12\x1a.genie.v1.CancelJobRequest\x1a\r.genie.v1.Job\x12\x36\n\x08WatchJob\x12\x19.genie.v1.WatchJobRequest\x1a\r.genie.v1.Job0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13genie/v1/jobs.proto\x12\x08genie.v1\"\xb7\x01\n\x10SubmitJobRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12<\n\toverrides\x18\x03 \x03(\x0b\x32).genie.v1.SubmitJobRequest.OverridesEntry\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.genie.v1.JobState\x12!\n\x05stage\x18\x03 \x01(\x0e\x32\x12.genie.v1.JobStage\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0e\n\x06preset\x18\x05 \x01(\t\x12/\n\toverrides\x18\x06 \x03(\x0b\x32\x1c.genie.v1.Job.OverridesEntry\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x12)\n\x06losses\x18\n \x03(\x0b\x32\x19.genie.v1.Job.LossesEntry\x12\x19\n\x11\x66rames_per_second\x18\x0b \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0c \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\r \x01(\t\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\t\x12\x34\n\x0c\x65val_metrics\x18\x10 \x03(\x0b\x32\x1e.genie.v1.Job.EvalMetricsEntry\x12\x12\n\ncreated_at\x18\x11 \x01(\x01\x12\x12\n\nupdated_at\x18\x12 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x13 \x01(\x05\x12\x19\n\x11resumed_from_step\x18\x14 \x01(\x03\x12\x0f\n\x07message\x18\x15 \x01(\t\x12\r\n\x05owner\x18\x16 \x01(\t\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x45valMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.genie.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\x95\x01\n\x08JobStage\x12\x19\n\x15JOB_STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STAGE_DATA\x10\x01\x12\x17\n\x13JOB_STAGE_TOKENIZER\x10\x02\x12\x16\n\x12JOB_STAGE_DYNAMICS\x10\x03\x12\x12\n\x0eJOB_STAGE_EVAL\x10\x04\x12\x15\n\x11JOB_STAGE_PUBLISH\x10\x05\x32\xa9\x02\n\nJobService\x12\x36\n\tSubmitJob\x12\x1a.genie.v1.SubmitJobRequest\x1a\r.genie.v1.Job\x12\x30\n\x06GetJob\x12\x17.genie.v1.GetJobRequest\x1a\r.genie.v1.Job\x12\x41\n\x08ListJobs\x12\x19.genie.v1.ListJobsRequest\x1a\x1a.genie.v1.ListJobsResponse\x12\x36\n\tCancelJob\x12\x1a.genie.v1.CancelJobRequest\x1a\r.genie.v1.Job\x12\x36\n\x08WatchJob\x12\x19.genie.v1.WatchJobRequest\x1a\r.genie.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_LOSSESENTRY']._serialized_options = b'8\001'
   _globals['_JOB_EVALMETRICSENTRY']._loaded_options = None
   _globals['_JOB_EVALMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1096
-  _globals['_JOBSTATE']._serialized_end=1250
-  _globals['_JOBSTAGE']._serialized_start=1253
-  _globals['_JOBSTAGE']._serialized_end=1402
+  _globals['_JOBSTATE']._serialized_start=1111
+  _globals['_JOBSTATE']._serialized_end=1265
+  _globals['_JOBSTAGE']._serialized_start=1268
+  _globals['_JOBSTAGE']._serialized_end=1417
   _globals['_SUBMITJOBREQUEST']._serialized_start=34
   _globals['_SUBMITJOBREQUEST']._serialized_end=217
   _globals['_SUBMITJOBREQUEST_OVERRIDESENTRY']._serialized_start=169
   _globals['_SUBMITJOBREQUEST_OVERRIDESENTRY']._serialized_end=217
   _globals['_JOB']._serialized_start=220
-  _globals['_JOB']._serialized_end=906
+  _globals['_JOB']._serialized_end=921
   _globals['_JOB_OVERRIDESENTRY']._serialized_start=169
   _globals['_JOB_OVERRIDESENTRY']._serialized_end=217
-  _globals['_JOB_LOSSESENTRY']._serialized_start=809
-  _globals['_JOB_LOSSESENTRY']._serialized_end=854
-  _globals['_JOB_EVALMETRICSENTRY']._serialized_start=856
-  _globals['_JOB_EVALMETRICSENTRY']._serialized_end=906
-  _globals['_GETJOBREQUEST']._serialized_start=908
-  _globals['_GETJOBREQUEST']._serialized_end=939
-  _globals['_LISTJOBSREQUEST']._serialized_start=941
-  _globals['_LISTJOBSREQUEST']._serialized_end=973
-  _globals['_LISTJOBSRESPONSE']._serialized_start=975
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1022
-  _globals['_CANCELJOBREQUEST']._serialized_start=1024
-  _globals['_CANCELJOBREQUEST']._serialized_end=1058
-  _globals['_WATCHJOBREQUEST']._serialized_start=1060
-  _globals['_WATCHJOBREQUEST']._serialized_end=1093
-  _globals['_JOBSERVICE']._serialized_start=1405
-  _globals['_JOBSERVICE']._serialized_end=1702
+  _globals['_JOB_LOSSESENTRY']._serialized_start=824
+  _globals['_JOB_LOSSESENTRY']._serialized_end=869
+  _globals['_JOB_EVALMETRICSENTRY']._serialized_start=871
+  _globals['_JOB_EVALMETRICSENTRY']._serialized_end=921
+  _globals['_GETJOBREQUEST']._serialized_start=923
+  _globals['_GETJOBREQUEST']._serialized_end=954
+  _globals['_LISTJOBSREQUEST']._serialized_start=956
+  _globals['_LISTJOBSREQUEST']._serialized_end=988
+  _globals['_LISTJOBSRESPONSE']._serialized_start=990
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1037
+  _globals['_CANCELJOBREQUEST']._serialized_start=1039
+  _globals['_CANCELJOBREQUEST']._serialized_end=1073
+  _globals['_WATCHJOBREQUEST']._serialized_start=1075
+  _globals['_WATCHJOBREQUEST']._serialized_end=1108
+  _globals['_JOBSERVICE']._serialized_start=1420
+  _globals['_JOBSERVICE']._serialized_end=1717
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "stage", "dataset", "preset", "overrides", "model_name", "step", "total_steps", "losses", "frames_per_second", "eta_seconds", "last_checkpoint", "error", "model_version", "eval_metrics", "created_at", "updated_at", "attempt", "resumed_from_step", "message")
+    __slots__ = ("job_id", "state", "stage", "dataset", "preset", "overrides", "model_name", "step", "total_steps", "losses", "frames_per_second", "eta_seconds", "last_checkpoint", "error", "model_version", "eval_metrics", "created_at", "updated_at", "attempt", "resumed_from_step", "message", "owner")
     class OverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class Job(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     stage: JobStage
@@ -121,7 +122,8 @@ class Job(_message.Message):
     attempt: int
     resumed_from_step: int
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[_Union[JobStage, str]] = ..., dataset: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., model_name: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., frames_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., attempt: _Optional[int] = ..., resumed_from_step: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., stage: _Optional[_Union[JobStage, str]] = ..., dataset: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., model_name: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., frames_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., attempt: _Optional[int] = ..., resumed_from_step: _Optional[int] = ..., message: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
