@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from services.triton import protocol
+from services.triton.client import to_inputs
 
 logger = logging.getLogger("genie.stack")
 
@@ -135,6 +137,7 @@ class ServiceOptions:
     workspace_root: Path | None = None
     torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
     environment: dict[str, str] = field(default_factory=dict)  # more variables, e.g. GENIE_STORE_* for a catalog
+    hold_lease_s: float | None = None  # catalog services: their --hold-lease-s (None: the service's default)
 
 
 class ServiceExited(RuntimeError):
@@ -152,7 +155,8 @@ class TritonService:
         self.kind, self.ports, self.options, self.log_path = kind, ports, options, log_path
         source = ["--catalog"] if checkpoint is None else ["--checkpoint", str(checkpoint)]
         # A catalog service starts with only its control model; versions are bound when a gateway asks.
-        self.ready_models = (protocol.CONTROL,) if checkpoint is None else protocol.MODELS_BY_KIND[kind]
+        self.catalog = checkpoint is None
+        self.ready_models = (protocol.CONTROL,) if self.catalog else protocol.MODELS_BY_KIND[kind]
         self.command = [sys.executable, "-m", "services.triton", kind, *source,
                         "--model-name", model_name, "--address", options.address,
                         "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
@@ -160,6 +164,8 @@ class TritonService:
                         "--max-queue-delay-us", str(options.max_queue_delay_us), "--device", options.device]
         if options.workspace_root is not None:
             self.command += ["--workspace-root", str(options.workspace_root)]
+        if checkpoint is None and options.hold_lease_s is not None:
+            self.command += ["--hold-lease-s", str(options.hold_lease_s)]
         self.process: subprocess.Popen | None = None
         self.stopping = False  # SIGTERM sent
 
@@ -198,6 +204,20 @@ class TritonService:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def answers(self, timeout_s: float) -> bool:
+        """Whether this service's own process answers a request within timeout_s. Triton's health endpoints are
+        served by tritonserver, which stays ready while the process that runs our models hangs (SIGSTOP, a
+        deadlock); a request must go through it: the info model, or for a catalog service a control command that
+        it refuses at once (not JSON) without touching any version."""
+        model, inputs = ((protocol.CONTROL, {"command": np.array([b"probe"], dtype=object)}) if self.catalog
+                         else (protocol.INFO, {"query": np.array([b""], dtype=object)}))
+        with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
+            try:
+                client.infer(model, to_inputs(inputs), client_timeout=timeout_s)
+            except InferenceServerException as error:
+                return self.catalog and "not JSON" in str(error)
+        return True
 
     def terminate(self) -> None:
         """Ask for a graceful Triton shutdown (SIGTERM, once) without waiting for it."""

@@ -2,6 +2,7 @@
 
 A child that exits on its own is logged, its leftovers (tritonserver, stubs) killed, and it is started again
 after an exponential backoff, counted in genie_service_restarts_total{service}; SIGTERM/SIGINT stop them all.
+A model service that stops answering (hung: SIGSTOP, a deadlock) is probed, killed and restarted the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class RestartPolicy:
     initial_backoff_s: float = 1.0  # wait before the first restart; doubles with each quick failure
     max_backoff_s: float = 30.0
     stable_after_s: float = 60.0  # a child up this long counts as healthy: its next restart waits initial_backoff_s
+    # Children that can be probed (Child.answers) are asked every probe_every_s once they have answered since their
+    # start; unanswered_limit probes in a row without an answer within probe_timeout_s: hung, killed, restarted.
+    probe_every_s: float = 2.0
+    probe_timeout_s: float = 5.0  # generous: a loaded 2-core machine answers the info model in well under 1 s
+    unanswered_limit: int = 3
 
     def backoff_s(self, quick_failures: int) -> float:
         return min(self.max_backoff_s, self.initial_backoff_s * 2 ** quick_failures)
@@ -41,6 +47,10 @@ class Child(Protocol):
     def terminate(self) -> None: ...
 
     def stop(self) -> int | None: ...
+
+
+class Probed(Child, Protocol):
+    def answers(self, timeout_s: float) -> bool: ...
 
 
 class GatewayProcess:
@@ -75,6 +85,9 @@ class Supervisor:
         self.started_at = {name: time.monotonic() for name in children}
         self.quick_failures = {name: 0 for name in children}
         self.restart_at: dict[str, float] = {}  # children that died, waiting out their backoff
+        self.next_probe = {name: 0.0 for name in children}
+        self.answered = {name: False for name in children}  # since its last start: probes count from then on
+        self.unanswered = {name: 0 for name in children}
         for name in children:
             metrics.up.labels(name).set(1)
 
@@ -89,6 +102,8 @@ class Supervisor:
             if code is None:
                 if now - self.started_at[name] > self.policy.stable_after_s:
                     self.quick_failures[name] = 0
+                if hasattr(child, "answers") and now >= self.next_probe[name]:
+                    self._probe(name, child)
                 continue
             kill_group(child.process)
             delay = self.policy.backoff_s(self.quick_failures[name])
@@ -98,9 +113,24 @@ class Supervisor:
             logger.error("%s exited on its own; restarting it", name,
                          extra={"service": name, "exit_code": code, "restart_in_s": delay})
 
+    def _probe(self, name: str, child: Probed) -> None:
+        """Kills a child that answered before but then missed unanswered_limit probes in a row; the next check()
+        sees it exited and restarts it."""
+        if child.answers(self.policy.probe_timeout_s):
+            self.answered[name], self.unanswered[name] = True, 0
+        elif self.answered[name]:  # still starting up until its first answer
+            self.unanswered[name] += 1
+            if self.unanswered[name] >= self.policy.unanswered_limit:
+                logger.error("%s answered none of %d probes in a row (hung); killing it", name,
+                             self.unanswered[name], extra={"service": name, "pid": child.process.pid})
+                child.process.kill()
+                child.process.wait()
+        self.next_probe[name] = time.monotonic() + self.policy.probe_every_s
+
     def _restart(self, name: str, child: Child, now: float) -> None:
         del self.restart_at[name]
         child.start()
+        self.answered[name], self.unanswered[name] = False, 0
         self.started_at[name] = now
         self.metrics.restarts.labels(name).inc()
         self.metrics.up.labels(name).set(1)

@@ -1,18 +1,25 @@
-"""`genie serve stack`'s supervisor on small real child processes: restarts with backoff, counting, clean-up.
+"""`genie serve stack`'s supervisor on small real child processes: restarts with backoff, counting, clean-up; and
+on a real Triton service that hangs.
 
-The Triton services themselves are killed in test_serve_stack.py; these children just exit or linger.
+The Triton services are killed under a whole stack in test_serve_stack.py; these children just exit or linger.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from services.metrics import StackMetrics
 from services.triton.serve import process_alive
-from services.triton.stack import start_child
+from services.triton.stack import READY_TIMEOUT_S, ServicePorts, TritonService, start_child
 from services.triton.supervisor import RestartPolicy, Supervisor
+from tests.services.helpers import MODEL_NAME
+from tests.services.triton_stack import options_for_tests
 
 
 class CommandChild:
@@ -85,3 +92,35 @@ def test_the_rest_of_a_dead_childs_process_group_is_killed_before_it_restarts():
     assert not any(process_alive(int(pid)) for pid in members)
     assert "dynamics" in supervisor.restart_at  # waiting out its backoff, not yet restarted
     assert supervisor.stop() == {"dynamics": None}
+
+
+def test_a_hung_model_service_is_killed_and_restarted(world_checkpoint, tmp_path, caplog):
+    """SIGSTOP freezes the service's own process; tritonserver (its child) still says ready, so only a request that
+    goes through the frozen process shows the hang. The supervisor kills it after its probes go unanswered and
+    starts it again; the new instance answers."""
+    with tempfile.TemporaryDirectory(prefix="genie-ws-") as workspace:
+        service = TritonService("lam", world_checkpoint, MODEL_NAME, ServicePorts.free(),
+                                options_for_tests(workspace_root=Path(workspace)), tmp_path / "lam.log")
+        service.start()
+        service.wait_ready()
+        policy = RestartPolicy(initial_backoff_s=0.1, probe_every_s=0.5, probe_timeout_s=1.0, unanswered_limit=3)
+        supervisor = Supervisor({"lam": service}, policy, StackMetrics())
+        try:
+            until_answered = time.monotonic() + 30
+            while not supervisor.answered["lam"]:
+                assert time.monotonic() < until_answered, "the running service never answered a probe"
+                supervisor.check()
+                time.sleep(0.1)
+            frozen = service.process.pid
+            os.kill(frozen, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            with caplog.at_level(logging.INFO, logger="genie.stack"):
+                while service.process.pid == frozen or not supervisor.answered["lam"]:
+                    assert time.monotonic() - stopped_at < READY_TIMEOUT_S, service.log_tail()
+                    supervisor.check()
+                    time.sleep(0.1)
+            assert not process_alive(frozen)
+            assert any("answered none of 3 probes in a row (hung)" in record.getMessage() for record in caplog.records)
+            assert service.answers(timeout_s=5.0)
+        finally:
+            supervisor.stop()
