@@ -27,7 +27,7 @@ from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion, split_key
 from services.triton import protocol
-from services.triton.client import ServiceClient, ServiceDown, ids_column
+from services.triton.client import ModelMissing, ReplicaUnavailable, ServiceClient, ServiceDown, ids_column
 from services.triton.protocol import Status
 
 log = logging.getLogger(__name__)
@@ -52,24 +52,25 @@ class WorldServices:
         moved = set(self.dynamics.moved(world_ids)) | set(self.tokenizer.moved(world_ids))
         return [world_id for world_id in world_ids if world_id in moved]
 
+    def lost(self, error: Exception) -> bool:
+        """Whether error says its replica is gone: unreachable, or without a fixed model's models (it is stopping).
+        A --catalog replica without a version is asked to load it instead (TritonBackend._reloaded)."""
+        return isinstance(error, ServiceDown) or isinstance(error, ModelMissing) and self.version is None
+
 
 T = TypeVar("T")
 
 
-def _failing_over(replicas: ReplicaSet, call: Callable[[], T]) -> T:
-    """call() (which picks its replica from `replicas`), again after a replica it reached was down and a live
+def _failing_over(services: WorldServices, replicas: ReplicaSet, call: Callable[[], T]) -> T:
+    """call() (which picks its replica from `replicas`), again after the replica it reached was lost and a live
     one took over that replica's worlds."""
     for _ in range(len(replicas.clients())):
         try:
             return call()
-        except ServiceDown as error:
-            if not replicas.down(error.url):
+        except ReplicaUnavailable as error:
+            if not services.lost(error) or not replicas.down(error.url):
                 raise
     return call()
-
-
-# How Triton answers a request for a model it does not have (here: a version a restarted service has not reloaded).
-UNKNOWN_MODEL = "unknown model"
 
 
 # A batch goes out as few multi-row requests (one round trip and one PyTriton hand-off per request, not per
@@ -139,7 +140,9 @@ class TritonBackend:
             for replica in replicas.reachable():
                 try:
                     answer = replica.client.infer(services.model(protocol.INFO), query)
-                except ServiceDown as error:
+                except ReplicaUnavailable as error:
+                    if not services.lost(error):
+                        raise
                     replicas.down(error.url)
                     unreachable.append(error)
                     continue
@@ -197,7 +200,7 @@ class TritonBackend:
     def _reloaded(self, services: WorldServices, error: ModelUnavailable) -> bool:
         """Whether a --catalog service that answered without this version (it restarted since it loaded it) has
         loaded it again now: the version is immutable, so reloading it restores exactly what was served."""
-        if services.version is None or UNKNOWN_MODEL not in str(error):
+        if services.version is None or not isinstance(error, ModelMissing):
             return False
         try:
             self._control(self._replicas[split_key(services.name)[0]], "load", services.version)
@@ -217,13 +220,13 @@ class TritonBackend:
     def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
         inputs = {"frames": np.ascontiguousarray(frames)}
-        return self._once_more_after_reload(services, lambda: _failing_over(services.tokenizer, lambda: (
+        return self._once_more_after_reload(services, lambda: _failing_over(services, services.tokenizer, lambda: (
             services.tokenizer.any().client.infer(services.model(protocol.TOKENIZER_ENCODE), inputs))).as_numpy("tokens"))
 
     def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
         inputs = {"frames": np.ascontiguousarray(frames)}
-        result = _failing_over(services.lam, lambda: services.lam.any().client.infer(
+        result = _failing_over(services, services.lam, lambda: services.lam.any().client.infer(
             services.model(protocol.LAM_LABEL), inputs))
         return result.as_numpy("actions")
 
@@ -238,9 +241,9 @@ class TritonBackend:
         tokenizer_inputs = {"world_id": ids_column(world_id, rows=False), "tokens": tokens, "first_position": position}
 
         def start() -> np.ndarray:  # on the world's replicas (pinned now if it is new, or moved)
-            _failing_over(services.dynamics, lambda: services.dynamics.route([world_id])[0].client.infer(
+            _failing_over(services, services.dynamics, lambda: services.dynamics.route([world_id])[0].client.infer(
                 services.model(protocol.DYNAMICS_START), dynamics_inputs))
-            result = _failing_over(services.tokenizer, lambda: services.tokenizer.route([world_id])[0].client.infer(
+            result = _failing_over(services, services.tokenizer, lambda: services.tokenizer.route([world_id])[0].client.infer(
                 services.model(protocol.TOKENIZER_START), tokenizer_inputs))
             return result.as_numpy("frames")
 
@@ -280,7 +283,7 @@ class TritonBackend:
                     "num_maskgit_steps": _column([step.num_maskgit_steps for step in chunk], np.int32),
                     "temperature": _column([step.temperature for step in chunk], np.float32)}
 
-        return self._per_replica(services.dynamics, steps, services.model(protocol.DYNAMICS_STEP), request,
+        return self._per_replica(services, services.dynamics, steps, services.model(protocol.DYNAMICS_STEP), request,
                                  "tokens")  # [B, S]
 
     def _decode(self, services: WorldServices, steps: Sequence[WorldStep], tokens: np.ndarray) -> np.ndarray:
@@ -288,10 +291,10 @@ class TritonBackend:
             return {"world_id": _column([steps[row].world_id.encode("utf-8") for row in rows], object),
                     "tokens": tokens[list(rows)], "step_index": _column([steps[row].step_index for row in rows], np.int64)}
 
-        return self._per_replica(services.tokenizer, steps, services.model(protocol.TOKENIZER_DECODE), request,
+        return self._per_replica(services, services.tokenizer, steps, services.model(protocol.TOKENIZER_DECODE), request,
                                  "frames")  # [B, H, W, 3]
 
-    def _per_replica(self, replicas: ReplicaSet, steps: Sequence[WorldStep], model: str,
+    def _per_replica(self, services: WorldServices, replicas: ReplicaSet, steps: Sequence[WorldStep], model: str,
                      request: Callable[[Sequence[int]], dict[str, np.ndarray]], output: str) -> np.ndarray:
         """Each replica gets its own worlds' rows (a request per chunk), all in flight at once; the answers come
         back in the order of steps. A replica that cannot be reached hands its worlds to live replicas, and
@@ -307,11 +310,11 @@ class TritonBackend:
                 results.extend(replica.client.gather(futures))
             except (BackendError, ValueError) as error:
                 errors.append(error)
-        down = [error for error in errors if isinstance(error, ServiceDown)]
-        if down:
-            if all([replicas.down(error.url) for error in down]):
-                raise WorldsNotCached([step.world_id for step in steps]) from down[0]
-            raise down[0]
+        lost = [error for error in errors if services.lost(error)]
+        if lost:
+            if all([replicas.down(error.url) for error in lost]):
+                raise WorldsNotCached([step.world_id for step in steps]) from lost[0]
+            raise lost[0]
         if errors:
             raise errors[0]
         order = [row for _, rows, _ in sent for row in rows]
@@ -343,7 +346,9 @@ class TritonBackend:
                 for replica in [pinned] if pinned is not None else replicas.reachable():
                     try:
                         replica.client.infer(services.model(model), ids)
-                    except ServiceDown as error:
+                    except ReplicaUnavailable as error:
+                        if not services.lost(error):
+                            raise
                         replicas.down(error.url)
             finally:
                 replicas.forget(world_id)

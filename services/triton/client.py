@@ -18,18 +18,29 @@ from services.backends.base import BackendError, ModelUnavailable
 # gRPC statuses meaning "the service is down, restarting, overloaded or not loaded": try again later.
 UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND",
                         "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED", None}
-# UNAVAILABLE with these words is a live server without the model (a version not bound, or being unbound).
+# How Triton answers a request for a model it does not have: a --catalog service without the version, or any
+# service while it stops gracefully (it unloads every model first, ~2 s measured, then closes its port).
+UNKNOWN_MODEL = "unknown model"
+# UNAVAILABLE with these words comes from a live server, not from a connection that failed.
 MODEL_UNAVAILABLE = re.compile(r"unknown model|not ready|not found", re.IGNORECASE)
 # PyTriton reports a model function's PyTritonBadParameterError as INTERNAL with this text inside.
 BAD_PARAMETER = re.compile(r"PyTritonBadParameterError: (.*)")
 
 
-class ServiceDown(ModelUnavailable):
-    """The service cannot be reached at all (connection refused, gone): another replica should take its worlds."""
+class ReplicaUnavailable(ModelUnavailable):
+    """A service answered that it cannot serve the request now; url says which replica."""
 
     def __init__(self, message: str, url: str):
         super().__init__(message)
         self.url = url
+
+
+class ServiceDown(ReplicaUnavailable):
+    """The service cannot be reached at all (connection refused, reset, gone): another replica takes its worlds."""
+
+
+class ModelMissing(ReplicaUnavailable):
+    """The service is up but has no such model: it is stopping, or (--catalog) has not bound this version."""
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -69,6 +80,8 @@ class ServiceClient:
         message = error.message() or str(error)
         if error.status() == "StatusCode.UNAVAILABLE" and not MODEL_UNAVAILABLE.search(message):
             return ServiceDown(f"{self.what} at {self.url} is unavailable: {message}", self.url)
+        if UNKNOWN_MODEL in message.lower():
+            return ModelMissing(f"{self.what} at {self.url} is unavailable: {message}", self.url)
         if error.status() in UNAVAILABLE_STATUSES:
             return ModelUnavailable(f"{self.what} at {self.url} is unavailable: {message}")
         bad = BAD_PARAMETER.search(message)

@@ -141,7 +141,8 @@ def nothing(round_: int) -> None:
 
 def play(stub, before_round=nothing, during_round=nothing) -> list[list[np.ndarray]]:
     """WORLDS worlds (seeds 0..7) stepped ROUNDS times, all worlds' steps of a round at once -> frames per world.
-    before_round(round) runs before the round's steps are sent, during_round(round) while they are."""
+    before_round(round) runs before the round's steps are sent, during_round(round) while they are. The worlds
+    stay open."""
     created = [stub.CreateWorld(create_request(seed=seed)) for seed in range(WORLDS)]
     frames = [[pixels_of(world.frame)] for world in created]
     with ThreadPoolExecutor(WORLDS + 1) as pool:
@@ -154,9 +155,13 @@ def play(stub, before_round=nothing, during_round=nothing) -> list[list[np.ndarr
             for index, step in enumerate(steps):
                 frames[index].append(pixels_of(step.result().frame))  # any error a client would see fails the test
             disturbance.result()
-    for world in created:
-        stub.CloseWorld(pb.CloseWorldRequest(world_id=world.world.world_id))
     return frames
+
+
+def assert_same_frames(got: list[np.ndarray], want: list[np.ndarray], world: int) -> None:
+    assert len(got) == len(want)
+    for step, (got_frame, want_frame) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(got_frame, want_frame, err_msg=f"world {world}, frame {step}")
 
 
 def triton_metric(url: str, name: str, model: str) -> float:
@@ -168,6 +173,9 @@ def triton_metric(url: str, name: str, model: str) -> float:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(two_dynamics, world_checkpoint):
+    """8 worlds over two dynamics replicas; one is SIGKILLed mid-soak; every world keeps stepping and plays the
+    frames of its twin on the in-process backend. The killed replica comes back and takes the next new world,
+    whose replica is then stopped gracefully (SIGTERM, a rolling update) while it plays: it moves too."""
     stack, second = two_dynamics
     first = stack.services["dynamics"]
     overrides = stack.overrides()
@@ -202,11 +210,10 @@ def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(t
         assert seen[first.url] == seen[second.url] == WORLDS / 2
         assert seen["rows"] == WORLDS * KILL_IN_ROUND and seen["second rows"] == WORLDS / 2 * KILL_IN_ROUND
         for world, (got, want) in enumerate(zip(frames, twins)):
-            for step, (got_frame, want_frame) in enumerate(zip(got, want)):
-                np.testing.assert_array_equal(got_frame, want_frame, err_msg=f"world {world}, frame {step}")
+            assert_same_frames(got, want, world)
         assert dynamics_sample("genie_world_repins_total") == WORLDS / 2
         assert dynamics_sample("genie_replicas_known") == 2 and dynamics_sample("genie_replicas_live") == 1
-        assert dynamics_sample("genie_replica_worlds", replica=first.url) == 0  # all closed
+        assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS
 
         # The killed replica comes back: the prober finds it, and it takes the next new world.
         second.start()
@@ -215,9 +222,22 @@ def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(t
         while dynamics_sample("genie_replicas_live") != 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert dynamics_sample("genie_replicas_live") == 2
-        world = stub.CreateWorld(create_request(seed=0)).world.world_id
-        frame = stub.StepWorld(pb.StepWorldRequest(world_id=world, action=action(0, 0))).frame
-        np.testing.assert_array_equal(pixels_of(frame), twins[0][1])
+        created = stub.CreateWorld(create_request(seed=0))
+        world = created.world.world_id
+
+        def step(round_: int) -> np.ndarray:
+            return pixels_of(stub.StepWorld(pb.StepWorldRequest(world_id=world, action=action(0, round_))).frame)
+
+        replayed = [pixels_of(created.frame), step(0)]
         assert dynamics_sample("genie_replica_worlds", replica=second.url) == 1
         assert triton_metric(second.metrics_url, "nv_inference_count", "dynamics_step") == 1
+
+        # A graceful stop: Triton unloads its models first (~2 s answering "unknown model"), then closes its port.
+        second.terminate()
+        time.sleep(0.2)
+        replayed += [step(round_) for round_ in range(1, ROUNDS)]
+        assert_same_frames(replayed, twins[0], world=0)
+        assert dynamics_sample("genie_world_repins_total") == WORLDS / 2 + 1
+        assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS + 1
+        second.stop()
     assert "replica-refresher" not in [thread.name for thread in threading.enumerate()]  # stopped with its backend
