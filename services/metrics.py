@@ -16,6 +16,21 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class ReplicaMetrics:
+    """The triton backend's replicas of each model service (services/backends/replicas.py)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        labels = ["model", "kind"]
+        self.known = Gauge("genie_replicas_known", "Replicas discovery lists, per model and service kind", labels,
+                           registry=registry)
+        self.live = Gauge("genie_replicas_live", "Known replicas not marked down (a call could not reach them; "
+                          "probed until they answer)", labels, registry=registry)
+        self.worlds = Gauge("genie_replica_worlds", "Worlds pinned to each replica (their caches live there)",
+                            [*labels, "replica"], registry=registry)
+        self.repins = Counter("genie_world_repins", "Worlds moved off a replica that went down or away, each "
+                              "rebuilt on a live one from the gateway's history", labels, registry=registry)
+
+
 class GatewayMetrics:
     """The session gateway's metrics."""
 
@@ -38,6 +53,7 @@ class GatewayMetrics:
                                           ["model", "version"], registry=self.registry)
         self.model_latest_version = Gauge("genie_model_latest_version", "The published version new worlds of each "
                                           "model get", ["model"], registry=self.registry)
+        self.replicas = ReplicaMetrics(self.registry)  # backend=triton
 
     def track_active_worlds(self, count: Callable[[], int]) -> None:
         self.active_worlds.set_function(count)

@@ -1,5 +1,5 @@
-"""The plugin registry: pieces that vary (model backends, checkpoint stores, video sources, world stores)
-chosen by name.
+"""The plugin registry: pieces that vary (model backends, checkpoint stores, video sources, world stores,
+replica discovery) chosen by name.
 
 Built-in and third-party plugins register through Python entry points (group `genie.<kind>`), so a
 package adds a plugin by being installed; `register` also lets code and tests add one directly.
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-KINDS = ("backends", "stores", "sources", "worlds")
+KINDS = ("backends", "stores", "sources", "worlds", "discovery")
 
 _registered: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
@@ -46,5 +46,5 @@ def get(kind: str, name: str) -> Callable[..., Any]:
         return _registered[kind][name]
     found = _from_entry_points(kind).get(name)
     if found is None:
-        raise UnknownPlugin(f"no {kind[:-1]} plugin named {name!r}; available: {', '.join(available(kind)) or 'none'}")
+        raise UnknownPlugin(f"no {kind.removesuffix('s')} plugin named {name!r}; available: {', '.join(available(kind)) or 'none'}")
     return found.load()

@@ -71,9 +71,16 @@ class GatewaySettings(ServerSecurity):
                                             "(bursts up to one second's worth) on this gateway")
     # Used only by backend="triton" (services/backends/triton.py): where each model's three Triton services
     # listen. JSON: {"coinrun": {"tokenizer": "10.0.0.5:8001", "lam": "10.0.0.6:8001", "dynamics": "10.0.0.7:8001"}}
+    # Replicas: "dynamics": "10.0.0.7:8001,10.0.0.8:8001" (static), or one headless Service name (dns).
     triton_endpoints: dict[str, dict[str, str]] = Field(
         default_factory=dict,
-        description="model name -> {tokenizer|lam|dynamics: Triton gRPC host:port} (backend=triton only)")
+        description="model name -> {tokenizer|lam|dynamics: Triton gRPC host:port, read by the discovery plugin} "
+        "(backend=triton only)")
+    discovery: str = Field("static", description="how a triton endpoint names its replicas (entry point group "
+                           "genie.discovery): static (host:port, or several comma-separated) or dns (one "
+                           "name:port resolved to every A/AAAA record, e.g. a headless Kubernetes Service)")
+    discovery_refresh_s: float = Field(5.0, gt=0, description="how often replicas are discovered again and those "
+                                       "found down are probed (also at once after a replica went down)")
     # Published models (services/stores/catalog.py) in the store named by GENIE_STORE_*: served by name at
     # their latest version, which the gateway re-reads every catalog_poll_s, so a new version reaches new worlds
     # without a restart. With backend=triton, each name's services run with --catalog (triton_endpoints).

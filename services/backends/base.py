@@ -60,7 +60,8 @@ class WorldsNotCached(BackendError):
 
 class ModelBackend(Protocol):
     """Every call names the model by its key: the bare name of a fixed model (settings), or `name@N` for a
-    published version loaded with load_version."""
+    published version loaded with load_version. A plugin is built as Backend(settings, metrics) with the
+    gateway's GatewaySettings and GatewayMetrics."""
 
     def models(self) -> list[ModelInfo]:
         """The fixed models, loaded at start-up."""

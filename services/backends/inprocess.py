@@ -17,6 +17,7 @@ import torch
 from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
+from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion
 
@@ -55,7 +56,8 @@ def _load(name: str, directory: Path, max_worlds: int, device: str) -> LoadedMod
 class InProcessBackend:
     """Implements services.backends.base.ModelBackend with torch in this process."""
 
-    def __init__(self, settings: GatewaySettings):
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None):
+        """metrics: unused here (this backend has no replicas to report)."""
         self.device = torch.device(settings.device)
         self.max_worlds = settings.max_worlds
         self._models = {name: _load(name, Path(directory), settings.max_worlds, settings.device)

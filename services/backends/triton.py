@@ -4,6 +4,8 @@ World caches live in the dynamics and tokenizer services, keyed by world id; a s
 evicted a world answers "not cached", which surfaces as WorldsNotCached so the gateway rebuilds it.
 A published version is loaded into a name's services (run with --catalog) through their `control` model and
 served under versioned Triton model names, so old and new versions play side by side in the same processes.
+Each service may run as several replicas (found by a discovery plugin); each world is pinned to one replica of
+each kind (services/backends/replicas.py), and a replica that cannot be reached hands its worlds to live ones.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
+from services import registry
 from services.backends.base import BackendError, ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
+from services.backends.replicas import Refresher, Replica, ReplicaSet
+from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion, split_key
 from services.triton import protocol
-from services.triton.client import ServiceClient, ids_column
+from services.triton.client import ModelMissing, ReplicaUnavailable, ServiceClient, ServiceDown, ids_column
 from services.triton.protocol import Status
 
 log = logging.getLogger(__name__)
@@ -29,30 +35,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorldServices:
-    """The three services of one world model (one version of it), and its info once a service has confirmed it."""
+    """The three services of one world model (one version of it), and its info once a service has confirmed it.
+    Versions of one name share its replicas (a --catalog service serves them all)."""
 
     name: str  # the model key: a fixed model's name, or name@N
-    tokenizer: ServiceClient
-    lam: ServiceClient
-    dynamics: ServiceClient
+    tokenizer: ReplicaSet
+    lam: ReplicaSet
+    dynamics: ReplicaSet
     version: int | None = None  # published version (served under versioned Triton model names)
     info: ModelInfo | None = None
 
     def model(self, base: str) -> str:
         return protocol.versioned(base, self.version)
 
+    def moved(self, world_ids: Sequence[str]) -> list[str]:
+        moved = set(self.dynamics.moved(world_ids)) | set(self.tokenizer.moved(world_ids))
+        return [world_id for world_id in world_ids if world_id in moved]
 
-def _connect(name: str, urls: dict[str, str], settings: GatewaySettings) -> dict[str, ServiceClient]:
-    missing = [kind for kind in protocol.SERVICE_KINDS if kind not in urls]
-    if missing:
-        raise ValueError(f"triton_endpoints[{name!r}] lacks {', '.join(missing)}; "
-                         f"each model needs {', '.join(protocol.SERVICE_KINDS)}")
-    return {kind: ServiceClient(urls[kind], f"{name} {kind} service", settings.max_message_bytes,
-                                settings.step_deadline_s) for kind in protocol.SERVICE_KINDS}
+    def lost(self, error: Exception) -> bool:
+        """Whether error says its replica is gone: unreachable, or without a fixed model's models (it is stopping).
+        A --catalog replica without a version is asked to load it instead (TritonBackend._reloaded)."""
+        return isinstance(error, ServiceDown) or isinstance(error, ModelMissing) and self.version is None
 
 
-# How Triton answers a request for a model it does not have (here: a version a restarted service has not reloaded).
-UNKNOWN_MODEL = "unknown model"
+T = TypeVar("T")
+
+
+def _failing_over(services: WorldServices, replicas: ReplicaSet, call: Callable[[], T]) -> T:
+    """call() (which picks its replica from `replicas`), again after the replica it reached was lost and a live
+    one took over that replica's worlds."""
+    for _ in range(len(replicas.clients())):
+        try:
+            return call()
+        except ReplicaUnavailable as error:
+            if not services.lost(error) or not replicas.down(error.url):
+                raise
+    return call()
 
 
 # A batch goes out as few multi-row requests (one round trip and one PyTriton hand-off per request, not per
@@ -60,8 +78,12 @@ UNKNOWN_MODEL = "unknown model"
 ROWS_PER_REQUEST = 16
 
 
-def _chunks(steps: Sequence[WorldStep]) -> list[Sequence[WorldStep]]:
-    return [steps[start:start + ROWS_PER_REQUEST] for start in range(0, len(steps), ROWS_PER_REQUEST)]
+def _chunks(rows: Sequence[int]) -> list[Sequence[int]]:
+    return [rows[start:start + ROWS_PER_REQUEST] for start in range(0, len(rows), ROWS_PER_REQUEST)]
+
+
+def _column(values: list, dtype) -> np.ndarray:
+    return np.array([[value] for value in values], dtype=dtype)
 
 
 def _statuses(results) -> list[Status]:
@@ -71,11 +93,33 @@ def _statuses(results) -> list[Status]:
 class TritonBackend:
     """Implements services.backends.base.ModelBackend against the Triton model services."""
 
-    def __init__(self, settings: GatewaySettings):
-        self._clients = {name: _connect(name, urls, settings) for name, urls in settings.triton_endpoints.items()}
-        self._worlds = {name: WorldServices(name, **clients) for name, clients in self._clients.items()
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None):
+        self._settings, self._metrics = settings, (metrics or GatewayMetrics()).replicas
+        self._discovery = registry.get("discovery", settings.discovery)(settings)
+        self._refresher = Refresher(settings.discovery_refresh_s)
+        try:
+            self._replicas = {name: self._connect(name, urls) for name, urls in settings.triton_endpoints.items()}
+        except BaseException:
+            self._refresher.close()
+            raise
+        self._worlds = {name: WorldServices(name, **kinds) for name, kinds in self._replicas.items()
                         if name not in settings.catalog_models}
         self._holder = f"gateway-{uuid.uuid4().hex[:12]}"  # this gateway's holds on versions in the services
+
+    def _connect(self, name: str, endpoints: dict[str, str]) -> dict[str, ReplicaSet]:
+        missing = [kind for kind in protocol.SERVICE_KINDS if kind not in endpoints]
+        if missing:
+            raise ValueError(f"triton_endpoints[{name!r}] lacks {', '.join(missing)}; "
+                             f"each model needs {', '.join(protocol.SERVICE_KINDS)}")
+        kinds = {kind: ReplicaSet(name, kind, endpoints[kind], self._discovery, self._client(name, kind),
+                                  self._metrics, self._refresher.wake) for kind in protocol.SERVICE_KINDS}
+        self._refresher.sets.extend(kinds.values())
+        return kinds
+
+    def _client(self, name: str, kind: str) -> Callable[[str], ServiceClient]:
+        settings = self._settings
+        return lambda address: ServiceClient(address, f"{name} {kind} service", settings.max_message_bytes,
+                                             settings.step_deadline_s)
 
     def _get(self, model: str) -> WorldServices:
         services = self._worlds.get(model)
@@ -87,17 +131,28 @@ class TritonBackend:
         return services
 
     def _confirm(self, services: WorldServices) -> ModelInfo:
-        """Ask every service what it serves, so a miswired endpoint fails loudly instead of playing nonsense."""
+        """Ask every service replica what it serves, so a miswired endpoint fails loudly instead of playing nonsense.
+        A replica that cannot be reached is marked down; each kind needs one that answered."""
         query = {"query": np.array([b""], dtype=object)}
         infos = []
         for kind in protocol.SERVICE_KINDS:
-            client = getattr(services, kind)
-            answer = client.infer(services.model(protocol.INFO), query).as_numpy("info").reshape(-1)[0]
-            info, served_kind = protocol.info_from_json(answer)
-            if (info.name, served_kind) != (services.name, kind):
-                raise ModelUnavailable(f"{client.url} serves the {served_kind} of {info.name!r}, "
-                                       f"not the {kind} of {services.name!r}: check triton_endpoints")
-            infos.append(info)
+            replicas, unreachable, answered = getattr(services, kind), [], len(infos)
+            for replica in replicas.reachable():
+                try:
+                    answer = replica.client.infer(services.model(protocol.INFO), query)
+                except ReplicaUnavailable as error:
+                    if not services.lost(error):
+                        raise
+                    replicas.down(error.url)
+                    unreachable.append(error)
+                    continue
+                info, served_kind = protocol.info_from_json(answer.as_numpy("info").reshape(-1)[0])
+                if (info.name, served_kind) != (services.name, kind):
+                    raise ModelUnavailable(f"{replica.address} serves the {served_kind} of {info.name!r}, "
+                                           f"not the {kind} of {services.name!r}: check triton_endpoints")
+                infos.append(info)
+            if len(infos) == answered:  # no replica of this kind answered
+                raise unreachable[0]
         return infos[-1]
 
     def models(self) -> list[ModelInfo]:
@@ -106,38 +161,49 @@ class TritonBackend:
     def load_version(self, model: ModelVersion, catalog: ModelCatalog) -> ModelInfo:
         """Asks the name's three services to load the version (each fetches it from the catalog itself)."""
         if model.ref not in self._worlds:
-            clients = self._clients.get(model.name)
-            if clients is None:
+            kinds = self._replicas.get(model.name)
+            if kinds is None:
                 raise ModelUnavailable(f"model {model.name!r} has no Triton endpoints; configured: "
-                                       f"{', '.join(self._clients) or 'none'}")
-            self._control(clients, "load", model.version)
-            self._worlds.setdefault(model.ref, WorldServices(model.ref, **clients, version=model.version))
+                                       f"{', '.join(self._replicas) or 'none'}")
+            self._control(kinds, "load", model.version)
+            self._worlds.setdefault(model.ref, WorldServices(model.ref, **kinds, version=model.version))
         return self._get(model.ref).info
 
     def unload_version(self, key: str) -> None:
         services = self._worlds.pop(key, None)
         if services is not None and services.version is not None:
-            self._control({kind: getattr(services, kind) for kind in protocol.SERVICE_KINDS}, "unload",
-                          services.version)
+            self._control(self._replicas[split_key(key)[0]], "unload", services.version)
 
-    def _control(self, clients: dict[str, ServiceClient], action: str, version: int) -> None:
-        """One control request per service, in parallel: each loads its part of the version (seconds)."""
+    def _control(self, kinds: dict[str, ReplicaSet], action: str, version: int) -> None:
+        """One control request per replica of each service, in parallel: each loads its part of the version
+        (seconds). A replica that cannot be reached is marked down; each kind needs one that answered."""
         command = {"command": np.array([protocol.control_command(action, version, self._holder)], dtype=object)}
+        targets = [(replicas, replica) for replicas in kinds.values() for replica in replicas.reachable()]
 
-        def send(client: ServiceClient) -> list[int]:
-            answer = client.infer(protocol.CONTROL, command, timeout_s=protocol.CONTROL_TIMEOUT_S)
-            return json.loads(answer.as_numpy("loaded").reshape(-1)[0])["loaded"]
+        def send(target: tuple[ReplicaSet, Replica]) -> ServiceDown | None:
+            replicas, replica = target
+            try:
+                answer = replica.client.infer(protocol.CONTROL, command, timeout_s=protocol.CONTROL_TIMEOUT_S)
+            except ServiceDown as error:
+                replicas.down(error.url)
+                return error
+            json.loads(answer.as_numpy("loaded").reshape(-1)[0])  # a well-formed answer
+            return None
 
-        with ThreadPoolExecutor(len(clients)) as pool:
-            list(pool.map(send, clients.values()))
+        with ThreadPoolExecutor(len(targets)) as pool:
+            errors = list(pool.map(send, targets))
+        for replicas in kinds.values():
+            failed = [error for (owner, _), error in zip(targets, errors) if owner is replicas]
+            if all(failed):
+                raise failed[0]
 
     def _reloaded(self, services: WorldServices, error: ModelUnavailable) -> bool:
         """Whether a --catalog service that answered without this version (it restarted since it loaded it) has
         loaded it again now: the version is immutable, so reloading it restores exactly what was served."""
-        if services.version is None or UNKNOWN_MODEL not in str(error):
+        if services.version is None or not isinstance(error, ModelMissing):
             return False
         try:
-            self._control(self._clients[split_key(services.name)[0]], "load", services.version)
+            self._control(self._replicas[split_key(services.name)[0]], "load", services.version)
         except (BackendError, ValueError):
             return False
         log.info("reloaded %s in its restarted model services", services.name)
@@ -153,12 +219,15 @@ class TritonBackend:
 
     def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
-        return self._once_more_after_reload(services, lambda: services.tokenizer.infer(
-            services.model(protocol.TOKENIZER_ENCODE), {"frames": np.ascontiguousarray(frames)}).as_numpy("tokens"))
+        inputs = {"frames": np.ascontiguousarray(frames)}
+        return self._once_more_after_reload(services, lambda: _failing_over(services, services.tokenizer, lambda: (
+            services.tokenizer.any().client.infer(services.model(protocol.TOKENIZER_ENCODE), inputs))).as_numpy("tokens"))
 
     def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
-        result = services.lam.infer(services.model(protocol.LAM_LABEL), {"frames": np.ascontiguousarray(frames)})
+        inputs = {"frames": np.ascontiguousarray(frames)}
+        result = _failing_over(services, services.lam, lambda: services.lam.any().client.infer(
+            services.model(protocol.LAM_LABEL), inputs))
         return result.as_numpy("actions")
 
     def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray,
@@ -167,15 +236,21 @@ class TritonBackend:
         tokens = np.asarray(tokens, dtype=np.int64)
         position = np.array([first_position], dtype=np.int64)
 
-        def start() -> np.ndarray:
-            services.dynamics.infer(services.model(protocol.DYNAMICS_START), {
-                "world_id": ids_column(world_id, rows=False), "tokens": tokens.reshape(len(tokens), -1),
-                "actions": np.asarray(actions, dtype=np.int64), "first_position": position})
-            result = services.tokenizer.infer(services.model(protocol.TOKENIZER_START), {
-                "world_id": ids_column(world_id, rows=False), "tokens": tokens, "first_position": position})
+        dynamics_inputs = {"world_id": ids_column(world_id, rows=False), "tokens": tokens.reshape(len(tokens), -1),
+                           "actions": np.asarray(actions, dtype=np.int64), "first_position": position}
+        tokenizer_inputs = {"world_id": ids_column(world_id, rows=False), "tokens": tokens, "first_position": position}
+
+        def start() -> np.ndarray:  # on the world's replicas (pinned now if it is new, or moved)
+            _failing_over(services, services.dynamics, lambda: services.dynamics.route([world_id])[0].client.infer(
+                services.model(protocol.DYNAMICS_START), dynamics_inputs))
+            result = _failing_over(services, services.tokenizer, lambda: services.tokenizer.route([world_id])[0].client.infer(
+                services.model(protocol.TOKENIZER_START), tokenizer_inputs))
             return result.as_numpy("frames")
 
-        return self._once_more_after_reload(services, start)
+        frames = self._once_more_after_reload(services, start)
+        services.dynamics.started(world_id)
+        services.tokenizer.started(world_id)
+        return frames
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
         """Step on the dynamics service, then decode on the tokenizer service; one request per world, all
@@ -185,6 +260,9 @@ class TritonBackend:
         that advanced in one service before the batch failed answers "not cached" on its retry (same index)
         and is rebuilt from the caller's history instead of playing from a cache a frame ahead."""
         services = self._get(model)
+        moved = services.moved([step.world_id for step in steps])
+        if moved:  # re-pinned off a replica that went down; nothing sent yet, so the retry steps every world once
+            raise WorldsNotCached(moved)
         grid = services.info.grid_size
         try:
             tokens = self._sample(services, steps).reshape(len(steps), grid, grid)
@@ -196,25 +274,52 @@ class TritonBackend:
         return [StepResult(tokens=tokens[index], frame=frames[index]) for index in range(len(steps))]
 
     def _sample(self, services: WorldServices, steps: Sequence[WorldStep]) -> np.ndarray:
-        requests = [{"world_id": np.array([[step.world_id.encode("utf-8")] for step in chunk], dtype=object),
-                     "action": np.array([[step.action] for step in chunk], dtype=np.int64),
-                     "seed": np.array([[step.seed] for step in chunk], dtype=np.int64),
-                     "step_index": np.array([[step.step_index] for step in chunk], dtype=np.int64),
-                     "num_maskgit_steps": np.array([[step.num_maskgit_steps] for step in chunk], dtype=np.int32),
-                     "temperature": np.array([[step.temperature] for step in chunk], dtype=np.float32)}
-                    for chunk in _chunks(steps)]
-        results = services.dynamics.infer_many(services.model(protocol.DYNAMICS_STEP), requests)
-        self._check(steps, _statuses(results), "dynamics")
-        return np.concatenate([result.as_numpy("tokens") for result in results])  # [B, S]
+        def request(rows: Sequence[int]) -> dict[str, np.ndarray]:
+            chunk = [steps[row] for row in rows]
+            return {"world_id": _column([step.world_id.encode("utf-8") for step in chunk], object),
+                    "action": _column([step.action for step in chunk], np.int64),
+                    "seed": _column([step.seed for step in chunk], np.int64),
+                    "step_index": _column([step.step_index for step in chunk], np.int64),
+                    "num_maskgit_steps": _column([step.num_maskgit_steps for step in chunk], np.int32),
+                    "temperature": _column([step.temperature for step in chunk], np.float32)}
+
+        return self._per_replica(services, services.dynamics, steps, services.model(protocol.DYNAMICS_STEP), request,
+                                 "tokens")  # [B, S]
 
     def _decode(self, services: WorldServices, steps: Sequence[WorldStep], tokens: np.ndarray) -> np.ndarray:
-        requests = [{"world_id": np.array([[step.world_id.encode("utf-8")] for step in chunk], dtype=object),
-                     "tokens": tokens[start:start + len(chunk)],
-                     "step_index": np.array([[step.step_index] for step in chunk], dtype=np.int64)}
-                    for start, chunk in zip(range(0, len(steps), ROWS_PER_REQUEST), _chunks(steps))]
-        results = services.tokenizer.infer_many(services.model(protocol.TOKENIZER_DECODE), requests)
-        self._check(steps, _statuses(results), "tokenizer")
-        return np.concatenate([result.as_numpy("frames") for result in results])  # [B, H, W, 3]
+        def request(rows: Sequence[int]) -> dict[str, np.ndarray]:
+            return {"world_id": _column([steps[row].world_id.encode("utf-8") for row in rows], object),
+                    "tokens": tokens[list(rows)], "step_index": _column([steps[row].step_index for row in rows], np.int64)}
+
+        return self._per_replica(services, services.tokenizer, steps, services.model(protocol.TOKENIZER_DECODE), request,
+                                 "frames")  # [B, H, W, 3]
+
+    def _per_replica(self, services: WorldServices, replicas: ReplicaSet, steps: Sequence[WorldStep], model: str,
+                     request: Callable[[Sequence[int]], dict[str, np.ndarray]], output: str) -> np.ndarray:
+        """Each replica gets its own worlds' rows (a request per chunk), all in flight at once; the answers come
+        back in the order of steps. A replica that cannot be reached hands its worlds to live replicas, and
+        then every world of the batch is rebuilt: those on healthy replicas may have advanced already."""
+        groups: dict[Replica, list[int]] = {}
+        for row, replica in enumerate(replicas.route([step.world_id for step in steps])):
+            groups.setdefault(replica, []).append(row)
+        sent = [(replica, rows, replica.client.submit(model, [request(chunk) for chunk in _chunks(rows)]))
+                for replica, rows in groups.items()]
+        results, errors = [], []
+        for replica, _, futures in sent:
+            try:
+                results.extend(replica.client.gather(futures))
+            except (BackendError, ValueError) as error:
+                errors.append(error)
+        lost = [error for error in errors if services.lost(error)]
+        if lost:
+            if all([replicas.down(error.url) for error in lost]):
+                raise WorldsNotCached([step.world_id for step in steps]) from lost[0]
+            raise lost[0]
+        if errors:
+            raise errors[0]
+        order = [row for _, rows, _ in sent for row in rows]
+        self._check([steps[row] for row in order], _statuses(results), replicas.kind)
+        return np.concatenate([result.as_numpy(output) for result in results])[np.argsort(order)]
 
     @staticmethod
     def _check(steps: Sequence[WorldStep], statuses: list[Status], kind: str) -> None:
@@ -232,17 +337,31 @@ class TritonBackend:
 
     @staticmethod
     def _end(services: WorldServices, world_id: str) -> None:
+        """On the world's replica; a world this gateway never pinned (another gateway played it) on every one.
+        A replica that cannot be reached is marked down: the world's cache went with it."""
         ids = {"world_id": ids_column(world_id, rows=False)}
-        services.dynamics.infer(services.model(protocol.DYNAMICS_END), ids)
-        services.tokenizer.infer(services.model(protocol.TOKENIZER_END), ids)
+        for replicas, model in ((services.dynamics, protocol.DYNAMICS_END), (services.tokenizer, protocol.TOKENIZER_END)):
+            pinned = replicas.pinned(world_id)
+            try:
+                for replica in [pinned] if pinned is not None else replicas.reachable():
+                    try:
+                        replica.client.infer(services.model(model), ids)
+                    except ReplicaUnavailable as error:
+                        if not services.lost(error):
+                            raise
+                        replicas.down(error.url)
+            finally:
+                replicas.forget(world_id)
 
     def close(self) -> None:
         """Lets go of this gateway's versions in the services (other gateways' holds keep theirs loaded)."""
+        self._refresher.close()
         for key in [key for key, services in list(self._worlds.items()) if services.version is not None]:
             try:
                 self.unload_version(key)
             except (BackendError, ValueError) as error:  # a service that is down has nothing loaded to free
                 log.warning("releasing %s in the model services failed: %s", key, error)
-        for clients in self._clients.values():
-            for client in clients.values():
-                client.close()
+        for kinds in self._replicas.values():
+            for replicas in kinds.values():
+                for client in replicas.clients():
+                    client.close()

@@ -187,9 +187,9 @@ class WorldServicer(world_pb2_grpc.WorldServiceServicer):
         return pb.ListModelsResponse(models=[convert.model_message(listing) for listing in listings])
 
 
-def build_backend(settings: GatewaySettings) -> ModelBackend:
+def build_backend(settings: GatewaySettings, metrics: GatewayMetrics) -> ModelBackend:
     """The backend plugin named by settings.backend (entry point group genie.backends)."""
-    return registry.get("backends", settings.backend)(settings)
+    return registry.get("backends", settings.backend)(settings, metrics)
 
 
 def build_store(settings: GatewaySettings) -> WorldStore:
@@ -217,9 +217,9 @@ class GatewayRuntime:
         self.settings = settings
         self.auth = Authenticator(settings)  # refuses to start without keys unless auth is off
         credentials = server_credentials(settings)
-        self.backend = backend if backend is not None else build_backend(settings)
-        self.store = store if store is not None else build_store(settings)
         self.metrics = GatewayMetrics()
+        self.backend = backend if backend is not None else build_backend(settings, self.metrics)
+        self.store = store if store is not None else build_store(settings)
         catalog = catalog if catalog is not None else build_catalog(settings)
         self.gateway = Gateway(settings, self.backend, self.metrics, self.store, catalog)
         self.executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="gateway-io")

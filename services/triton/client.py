@@ -18,8 +18,29 @@ from services.backends.base import BackendError, ModelUnavailable
 # gRPC statuses meaning "the service is down, restarting, overloaded or not loaded": try again later.
 UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND",
                         "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED", None}
+# How Triton answers a request for a model it does not have: a --catalog service without the version, or any
+# service while it stops gracefully (it unloads every model first, ~2 s measured, then closes its port).
+UNKNOWN_MODEL = "unknown model"
+# UNAVAILABLE with these words comes from a live server, not from a connection that failed.
+MODEL_UNAVAILABLE = re.compile(r"unknown model|not ready|not found", re.IGNORECASE)
 # PyTriton reports a model function's PyTritonBadParameterError as INTERNAL with this text inside.
 BAD_PARAMETER = re.compile(r"PyTritonBadParameterError: (.*)")
+
+
+class ReplicaUnavailable(ModelUnavailable):
+    """A service answered that it cannot serve the request now; url says which replica."""
+
+    def __init__(self, message: str, url: str):
+        super().__init__(message)
+        self.url = url
+
+
+class ServiceDown(ReplicaUnavailable):
+    """The service cannot be reached at all (connection refused, reset, gone): another replica takes its worlds."""
+
+
+class ModelMissing(ReplicaUnavailable):
+    """The service is up but has no such model: it is stopping, or (--catalog) has not bound this version."""
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -57,6 +78,10 @@ class ServiceClient:
 
     def _error(self, error: InferenceServerException) -> Exception:
         message = error.message() or str(error)
+        if error.status() == "StatusCode.UNAVAILABLE" and not MODEL_UNAVAILABLE.search(message):
+            return ServiceDown(f"{self.what} at {self.url} is unavailable: {message}", self.url)
+        if UNKNOWN_MODEL in message.lower():
+            return ModelMissing(f"{self.what} at {self.url} is unavailable: {message}", self.url)
         if error.status() in UNAVAILABLE_STATUSES:
             return ModelUnavailable(f"{self.what} at {self.url} is unavailable: {message}")
         bad = BAD_PARAMETER.search(message)
@@ -75,12 +100,19 @@ class ServiceClient:
 
     def infer_many(self, model_name: str, requests: Sequence[Mapping[str, np.ndarray]]) -> list[grpcclient.InferResult]:
         """Send all requests at once (so Triton's dynamic batcher can batch them) and wait for every answer."""
+        return self.gather(self.submit(model_name, requests))
+
+    def submit(self, model_name: str, requests: Sequence[Mapping[str, np.ndarray]]) -> list[Future]:
+        """Sends the requests without waiting: gather() their futures (requests to several replicas overlap)."""
         futures: list[Future] = []
         for arrays in requests:
             future: Future = Future()
             futures.append(future)
             self.client.async_infer(model_name, to_inputs(arrays), callback=self._settle(future),
                                     client_timeout=self.timeout_s)
+        return futures
+
+    def gather(self, futures: Sequence[Future]) -> list[grpcclient.InferResult]:
         # The client deadline settles every future; the margin only guards against a lost callback.
         _, pending = wait(futures, timeout=self.timeout_s + 5)
         if pending:
@@ -98,6 +130,13 @@ class ServiceClient:
             else:
                 future.set_result(result)
         return callback
+
+    def ready(self, timeout_s: float = 1.0) -> bool:
+        """Whether the service answers Triton's readiness check now (a probe of a replica that was down)."""
+        try:
+            return self.client.is_server_ready(client_timeout=timeout_s)
+        except InferenceServerException:
+            return False
 
     def close(self) -> None:
         self.client.close()

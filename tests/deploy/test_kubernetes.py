@@ -16,6 +16,7 @@ from tests.deploy.helpers import (DEPLOY, OVERLAYS, PREFIXES_BY_SERVICE, ROOT, d
 
 KUBERNETES_VERSION = "1.30.0"  # the oldest release these manifests promise to run on (gRPC probes are GA in 1.27)
 MODEL_SERVICES = ("tokenizer", "lam", "dynamics")
+HEADLESS = "-replicas"  # a headless twin of a Service: the same pods, for the gateway's dns discovery
 DOCKERFILE_BY_IMAGE = {"gateway": "gateway", "jobs": "jobs", "worker": "worker", "model-service": "model-service.cpu"}
 
 
@@ -98,9 +99,9 @@ def test_services_pdbs_and_hpas_point_at_existing_deployments(rendered, overlay)
         for name, item in objects_of(objects, kind).items():
             selector = item["spec"]["selector"].get("matchLabels", item["spec"]["selector"])
             chosen = [deployment for deployment, labels in pods.items() if selects(selector, labels)]
-            assert chosen == [name], f"{kind} {name} selects {chosen}"
+            assert chosen == [name.removesuffix(HEADLESS)], f"{kind} {name} selects {chosen}"
     for name, service in objects_of(objects, "Service").items():
-        ports = {port["name"] for port in container(objects_of(objects, "Deployment")[name])["ports"]}
+        ports = {port["name"] for port in container(objects_of(objects, "Deployment")[name.removesuffix(HEADLESS)])["ports"]}
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= ports
     for hpa in objects_of(objects, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in pods
@@ -160,6 +161,15 @@ def test_model_service_probes_and_gateway_endpoint_use_its_grpc_port_and_model_n
     assert int(port) in {p["port"] for p in service["spec"]["ports"] if p["targetPort"] == "grpc"}
     mounts = {mount["mountPath"] for mount in spec["volumeMounts"]}
     assert "/dev/shm" in mounts and str(args.checkpoint).startswith(tuple(mounts))
+
+
+def test_gateway_discovers_each_dynamics_pod_through_a_headless_service(rendered, monkeypatch):
+    objects = rendered["cpu"]
+    gateway = settings_from_env(environment(objects, objects_of(objects, "Deployment")["genie-gateway"]),
+                                monkeypatch)[GatewaySettings]
+    assert gateway.discovery == "dns"
+    host = gateway.triton_endpoints["world"]["dynamics"].split(":")[0]
+    assert host == "genie-dynamics" + HEADLESS and objects_of(objects, "Service")[host]["spec"]["clusterIP"] == "None"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,0 +1,243 @@
+"""Several replicas of a model service: discovery plugins, worlds pinned per replica, and a replica SIGKILLed
+while worlds play (its worlds move to the live replica and continue bit-identically to undisturbed twins).
+
+The integration test runs two real dynamics services (the stack's and one more) behind one triton gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from genie.v1 import world_pb2 as pb
+from genie.v1 import world_pb2_grpc
+from services.backends.discovery import DnsDiscovery, StaticDiscovery
+from services.backends.replicas import ReplicaSet
+from services.gateway.server import GatewayRuntime
+from services.metrics import ReplicaMetrics
+from services.triton.client import ServiceClient
+from services.triton.stack import free_port
+from tests.services.conftest import gateway_settings
+from tests.services.helpers import MODEL_NAME, create_request, open_channel, pixels_of
+from tests.services.triton_stack import lone_service, running_stack
+
+WORLDS, ROUNDS, KILL_IN_ROUND = 8, 8, 3
+NUM_ACTIONS = 4
+
+
+# --- discovery plugins -------------------------------------------------------------------------------------
+
+def test_static_discovery_lists_each_replica_and_keeps_a_single_address_working():
+    assert StaticDiscovery().resolve("dynamics:8001") == ["dynamics:8001"]
+    assert StaticDiscovery().resolve("h2:8001, h1:8001,[::1]:8001") == ["[::1]:8001", "h1:8001", "h2:8001"]
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    ("h1:8001,,h2:8001", "has an empty address: separate host:port entries by single commas"),
+    ("h1:8001,", "has an empty address"),
+    ("dynamics", "'dynamics' in triton endpoint 'dynamics' is not host:port: write e.g. 'dynamics:8001'"),
+    ("h1:80x1", "has port '80x1': a port is a number from 1 to 65535"),
+    ("h1:0", "has port '0'"),
+    ("::1:8001", r"is not host:port: write e.g. 'dynamics:8001' \(IPv6: '\[::1\]:8001'\)"),
+    ("h1:8001,h1:8001", "lists h1:8001 more than once: list each replica once"),
+])
+def test_static_discovery_refuses_a_malformed_endpoint_saying_what_to_write(endpoint, message):
+    with pytest.raises(ValueError, match=message):
+        StaticDiscovery().resolve(endpoint)
+
+
+def test_dns_discovery_resolves_localhost_to_its_addresses_on_the_port():
+    addresses = DnsDiscovery().resolve("localhost:8001")
+    assert addresses and set(addresses) <= {"127.0.0.1:8001", "[::1]:8001"}, addresses
+
+
+def test_dns_discovery_refuses_a_list_and_reports_an_unknown_name_as_os_error():
+    with pytest.raises(ValueError, match="dns discovery takes one name:port per endpoint"):
+        DnsDiscovery().resolve("h1:8001,h2:8001")
+    with pytest.raises(OSError):
+        DnsDiscovery().resolve("no-such-host.invalid:8001")
+
+
+# --- pinning, without servers -------------------------------------------------------------------------------
+
+def replica_set(endpoint: str) -> tuple[ReplicaSet, CollectorRegistry]:
+    registry = CollectorRegistry()
+    connect = lambda address: ServiceClient(address, "dynamics", 2**20, timeout_s=1.0)  # noqa: E731 - connects lazily
+    return ReplicaSet("m", "dynamics", endpoint, StaticDiscovery(), connect, ReplicaMetrics(registry),
+                      wake=lambda: None), registry
+
+
+def worlds_on(registry: CollectorRegistry, address: str) -> float | None:
+    return registry.get_sample_value("genie_replica_worlds", {"model": "m", "kind": "dynamics", "replica": address})
+
+
+def test_worlds_spread_over_replicas_and_move_off_one_that_went_down():
+    ports = [free_port() for _ in range(3)]  # nothing listens there
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    replicas, registry = replica_set(",".join(addresses))
+    pins = replicas.route([f"w{index}" for index in range(6)])
+    assert sorted(worlds_on(registry, address) for address in addresses) == [2, 2, 2]
+    lost = pins[0].address
+    lost_worlds = [f"w{index}" for index, pin in enumerate(pins) if pin.address == lost]
+    assert replicas.down(lost)  # two live replicas take over
+    assert replicas.moved([f"w{index}" for index in range(6)]) == lost_worlds
+    assert worlds_on(registry, lost) == 0 and {replica.address for replica in replicas.route(lost_worlds)} != {lost}
+    assert registry.get_sample_value("genie_world_repins_total", {"model": "m", "kind": "dynamics"}) == 2
+    assert registry.get_sample_value("genie_replicas_live", {"model": "m", "kind": "dynamics"}) == 2
+    replicas.started(lost_worlds[0])
+    assert replicas.moved(lost_worlds) == lost_worlds[1:]
+    assert replicas.route(["new"])[0].address != lost  # a down replica gets no new worlds
+    replicas.refresh()  # the probe finds nothing listening: it stays down
+    assert registry.get_sample_value("genie_replicas_live", {"model": "m", "kind": "dynamics"}) == 2
+
+
+def test_a_lone_replica_that_is_down_keeps_its_worlds_for_when_it_returns():
+    replicas, registry = replica_set(f"127.0.0.1:{free_port()}")
+    [pin] = replicas.route(["w"])
+    assert not replicas.down(pin.address)
+    assert replicas.moved(["w"]) == [] and replicas.route(["w"]) == [pin]
+
+
+# --- two real dynamics replicas behind one gateway ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_dynamics(world_checkpoint, tmp_path_factory):
+    """The stack (tokenizer, lam, dynamics) and a second dynamics replica, both loading at once."""
+    second = lone_service("dynamics", world_checkpoint, MODEL_NAME, tmp_path_factory.mktemp("replica"), 16)
+    second.start()
+    try:
+        with running_stack(world_checkpoint, MODEL_NAME, max_worlds=16) as stack:
+            second.wait_ready()
+            yield stack, second
+    finally:
+        second.stop()
+
+
+@contextlib.contextmanager
+def serving(overrides: dict):
+    runtime = GatewayRuntime(gateway_settings(overrides)).start()
+    try:
+        with contextlib.closing(open_channel(runtime.port)) as channel:
+            yield runtime, world_pb2_grpc.WorldServiceStub(channel)
+    finally:
+        runtime.stop(grace_s=1.0)
+
+
+def action(world: int, round_: int) -> int:
+    return (world + 3 * round_) % NUM_ACTIONS
+
+
+def nothing(round_: int) -> None:
+    pass
+
+
+def play(stub, before_round=nothing, during_round=nothing) -> list[list[np.ndarray]]:
+    """WORLDS worlds (seeds 0..7) stepped ROUNDS times, all worlds' steps of a round at once -> frames per world.
+    before_round(round) runs before the round's steps are sent, during_round(round) while they are. The worlds
+    stay open."""
+    created = [stub.CreateWorld(create_request(seed=seed)) for seed in range(WORLDS)]
+    frames = [[pixels_of(world.frame)] for world in created]
+    with ThreadPoolExecutor(WORLDS + 1) as pool:
+        for round_ in range(ROUNDS):
+            before_round(round_)
+            disturbance = pool.submit(during_round, round_)
+            steps = [pool.submit(stub.StepWorld, pb.StepWorldRequest(world_id=world.world.world_id,
+                                                                     action=action(index, round_)))
+                     for index, world in enumerate(created)]
+            for index, step in enumerate(steps):
+                frames[index].append(pixels_of(step.result().frame))  # any error a client would see fails the test
+            disturbance.result()
+    return frames
+
+
+def assert_same_frames(got: list[np.ndarray], want: list[np.ndarray], world: int) -> None:
+    assert len(got) == len(want)
+    for step, (got_frame, want_frame) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(got_frame, want_frame, err_msg=f"world {world}, frame {step}")
+
+
+def triton_metric(url: str, name: str, model: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(two_dynamics, world_checkpoint):
+    """8 worlds over two dynamics replicas; one is SIGKILLed mid-soak; every world keeps stepping and plays the
+    frames of its twin on the in-process backend. The killed replica comes back and takes the next new world,
+    whose replica is then stopped gracefully (SIGTERM, a rolling update) while it plays: it moves too."""
+    stack, second = two_dynamics
+    first = stack.services["dynamics"]
+    overrides = stack.overrides()
+    overrides["triton_endpoints"][MODEL_NAME]["dynamics"] = f"{first.url},{second.url}"
+    overrides["discovery_refresh_s"] = 0.5
+    with serving({"backend": "inprocess", "models": {MODEL_NAME: str(world_checkpoint)}}) as (_, twin_stub):
+        twins = play(twin_stub)
+
+    with serving(overrides) as (runtime, stub):
+        registry = runtime.metrics.registry
+
+        def dynamics_sample(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"model": MODEL_NAME, "kind": "dynamics", **labels})
+
+        seen: dict[str, float] = {}
+
+        def count_before_the_kill(round_: int) -> None:
+            """The worlds are spread evenly, and each world's step went to its replica only (not to both)."""
+            if round_ == KILL_IN_ROUND:
+                seen.update({url: dynamics_sample("genie_replica_worlds", replica=url)
+                             for url in (first.url, second.url)})
+                seen["rows"] = sum(triton_metric(service.metrics_url, "nv_inference_count", "dynamics_step")
+                                   for service in (first, second))
+                seen["second rows"] = triton_metric(second.metrics_url, "nv_inference_count", "dynamics_step")
+
+        def kill_second_replica(round_: int) -> None:
+            if round_ == KILL_IN_ROUND:
+                time.sleep(0.05)  # into the round's steps
+                second.kill()
+
+        frames = play(stub, count_before_the_kill, kill_second_replica)
+        assert seen[first.url] == seen[second.url] == WORLDS / 2
+        assert seen["rows"] == WORLDS * KILL_IN_ROUND and seen["second rows"] == WORLDS / 2 * KILL_IN_ROUND
+        for world, (got, want) in enumerate(zip(frames, twins)):
+            assert_same_frames(got, want, world)
+        assert dynamics_sample("genie_world_repins_total") == WORLDS / 2
+        assert dynamics_sample("genie_replicas_known") == 2 and dynamics_sample("genie_replicas_live") == 1
+        assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS
+
+        # The killed replica comes back: the prober finds it, and it takes the next new world.
+        second.start()
+        second.wait_ready()
+        deadline = time.monotonic() + 10
+        while dynamics_sample("genie_replicas_live") != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dynamics_sample("genie_replicas_live") == 2
+        created = stub.CreateWorld(create_request(seed=0))
+        world = created.world.world_id
+
+        def step(round_: int) -> np.ndarray:
+            return pixels_of(stub.StepWorld(pb.StepWorldRequest(world_id=world, action=action(0, round_))).frame)
+
+        replayed = [pixels_of(created.frame), step(0)]
+        assert dynamics_sample("genie_replica_worlds", replica=second.url) == 1
+        assert triton_metric(second.metrics_url, "nv_inference_count", "dynamics_step") == 1
+
+        # A graceful stop: Triton unloads its models first (~2 s answering "unknown model"), then closes its port.
+        second.terminate()
+        time.sleep(0.2)
+        replayed += [step(round_) for round_ in range(1, ROUNDS)]
+        assert_same_frames(replayed, twins[0], world=0)
+        assert dynamics_sample("genie_world_repins_total") == WORLDS / 2 + 1
+        assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS + 1
+        second.stop()
+    assert "replica-refresher" not in [thread.name for thread in threading.enumerate()]  # stopped with its backend
