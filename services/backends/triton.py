@@ -220,8 +220,12 @@ class TritonBackend:
     def encode(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
         inputs = {"frames": np.ascontiguousarray(frames)}
-        return self._once_more_after_reload(services, lambda: _failing_over(services, services.tokenizer, lambda: (
-            services.tokenizer.any().client.infer(services.model(protocol.TOKENIZER_ENCODE), inputs))).as_numpy("tokens"))
+
+        def encode() -> np.ndarray:  # on any live replica: encoding keeps no world state
+            replica = services.tokenizer.any()
+            return replica.client.infer(services.model(protocol.TOKENIZER_ENCODE), inputs).as_numpy("tokens")
+
+        return self._once_more_after_reload(services, lambda: _failing_over(services, services.tokenizer, encode))
 
     def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
         services = self._get(model)
@@ -240,12 +244,14 @@ class TritonBackend:
                            "actions": np.asarray(actions, dtype=np.int64), "first_position": position}
         tokenizer_inputs = {"world_id": ids_column(world_id, rows=False), "tokens": tokens, "first_position": position}
 
-        def start() -> np.ndarray:  # on the world's replicas (pinned now if it is new, or moved)
-            _failing_over(services, services.dynamics, lambda: services.dynamics.route([world_id])[0].client.infer(
-                services.model(protocol.DYNAMICS_START), dynamics_inputs))
-            result = _failing_over(services, services.tokenizer, lambda: services.tokenizer.route([world_id])[0].client.infer(
-                services.model(protocol.TOKENIZER_START), tokenizer_inputs))
-            return result.as_numpy("frames")
+        def start_on(replicas: ReplicaSet, model: str, inputs: dict[str, np.ndarray]):
+            """On the world's replica (pinned now if the world is new or moved), or the one it moves to."""
+            return _failing_over(services, replicas, lambda: replicas.route([world_id])[0].client.infer(
+                services.model(model), inputs))
+
+        def start() -> np.ndarray:
+            start_on(services.dynamics, protocol.DYNAMICS_START, dynamics_inputs)
+            return start_on(services.tokenizer, protocol.TOKENIZER_START, tokenizer_inputs).as_numpy("frames")
 
         frames = self._once_more_after_reload(services, start)
         services.dynamics.started(world_id)
@@ -253,8 +259,9 @@ class TritonBackend:
         return frames
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
-        """Step on the dynamics service, then decode on the tokenizer service; one request per world, all
-        in flight at once, so each service's dynamic batcher runs them (and other gateways') together.
+        """Step on the dynamics service, then decode on the tokenizer service: each world on its replicas, all
+        replicas' requests in flight at once, so each service's dynamic batcher runs them (and other gateways')
+        together.
 
         A failure never half-applies: both services keep the step index each world expects next, so a world
         that advanced in one service before the batch failed answers "not cached" on its retry (same index)
@@ -283,16 +290,17 @@ class TritonBackend:
                     "num_maskgit_steps": _column([step.num_maskgit_steps for step in chunk], np.int32),
                     "temperature": _column([step.temperature for step in chunk], np.float32)}
 
-        return self._per_replica(services, services.dynamics, steps, services.model(protocol.DYNAMICS_STEP), request,
-                                 "tokens")  # [B, S]
+        return self._per_replica(services, services.dynamics, steps, services.model(protocol.DYNAMICS_STEP),
+                                 request, "tokens")  # [B, S]
 
     def _decode(self, services: WorldServices, steps: Sequence[WorldStep], tokens: np.ndarray) -> np.ndarray:
         def request(rows: Sequence[int]) -> dict[str, np.ndarray]:
             return {"world_id": _column([steps[row].world_id.encode("utf-8") for row in rows], object),
-                    "tokens": tokens[list(rows)], "step_index": _column([steps[row].step_index for row in rows], np.int64)}
+                    "tokens": tokens[list(rows)],
+                    "step_index": _column([steps[row].step_index for row in rows], np.int64)}
 
-        return self._per_replica(services, services.tokenizer, steps, services.model(protocol.TOKENIZER_DECODE), request,
-                                 "frames")  # [B, H, W, 3]
+        return self._per_replica(services, services.tokenizer, steps, services.model(protocol.TOKENIZER_DECODE),
+                                 request, "frames")  # [B, H, W, 3]
 
     def _per_replica(self, services: WorldServices, replicas: ReplicaSet, steps: Sequence[WorldStep], model: str,
                      request: Callable[[Sequence[int]], dict[str, np.ndarray]], output: str) -> np.ndarray:
@@ -340,7 +348,8 @@ class TritonBackend:
         """On the world's replica; a world this gateway never pinned (another gateway played it) on every one.
         A replica that cannot be reached is marked down: the world's cache went with it."""
         ids = {"world_id": ids_column(world_id, rows=False)}
-        for replicas, model in ((services.dynamics, protocol.DYNAMICS_END), (services.tokenizer, protocol.TOKENIZER_END)):
+        ends = ((services.dynamics, protocol.DYNAMICS_END), (services.tokenizer, protocol.TOKENIZER_END))
+        for replicas, model in ends:
             pinned = replicas.pinned(world_id)
             try:
                 for replica in [pinned] if pinned is not None else replicas.reachable():

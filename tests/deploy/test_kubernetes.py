@@ -101,7 +101,8 @@ def test_services_pdbs_and_hpas_point_at_existing_deployments(rendered, overlay)
             chosen = [deployment for deployment, labels in pods.items() if selects(selector, labels)]
             assert chosen == [name.removesuffix(HEADLESS)], f"{kind} {name} selects {chosen}"
     for name, service in objects_of(objects, "Service").items():
-        ports = {port["name"] for port in container(objects_of(objects, "Deployment")[name.removesuffix(HEADLESS)])["ports"]}
+        deployment = objects_of(objects, "Deployment")[name.removesuffix(HEADLESS)]
+        ports = {port["name"] for port in container(deployment)["ports"]}
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= ports
     for hpa in objects_of(objects, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in pods
