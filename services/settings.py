@@ -79,6 +79,13 @@ class GatewaySettings(ServerSecurity):
     discovery: str = Field("static", description="how a triton endpoint names its replicas (entry point group "
                            "genie.discovery): static (host:port, or several comma-separated) or dns (one "
                            "name:port resolved to every A/AAAA record, e.g. a headless Kubernetes Service)")
+    triton_tls_ca_file: Path | None = Field(None, description="PEM CA that signed the model services' certificates: "
+                                            "talk to them over TLS (they run with --tls-cert/--tls-key)")
+    triton_tls_cert_file: Path | None = Field(None, description="PEM client certificate for model services that "
+                                              "require one (--tls-client-ca: mutual TLS), with triton_tls_key_file")
+    triton_tls_key_file: Path | None = Field(None, description="PEM private key of triton_tls_cert_file")
+    triton_hold_renew_s: float = Field(30.0, gt=0, description="how often this gateway renews its holds on published "
+                                       "versions in --catalog services (keep well under their --hold-lease-s, 120)")
     discovery_refresh_s: float = Field(5.0, gt=0, description="how often replicas are discovered again and those "
                                        "found down are probed (also at once after a replica went down)")
     # Published models (services/stores/catalog.py) in the store named by GENIE_STORE_*: served by name at

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,8 @@ from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion, split_key
 from services.triton import protocol
-from services.triton.client import ModelMissing, ReplicaUnavailable, ServiceClient, ServiceDown, ids_column
+from services.triton.client import (ClientTLS, ModelMissing, ReplicaUnavailable, ServiceClient, ServiceDown,
+                                    ids_column)
 from services.triton.protocol import Status
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class TritonBackend:
 
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None):
         self._settings, self._metrics = settings, (metrics or GatewayMetrics()).replicas
+        self._tls = (None if settings.triton_tls_ca_file is None else  # checked here: bad files fail the start
+                     ClientTLS(settings.triton_tls_ca_file, settings.triton_tls_cert_file, settings.triton_tls_key_file))
         self._discovery = registry.get("discovery", settings.discovery)(settings)
         self._refresher = Refresher(settings.discovery_refresh_s)
         try:
@@ -105,6 +109,13 @@ class TritonBackend:
         self._worlds = {name: WorldServices(name, **kinds) for name, kinds in self._replicas.items()
                         if name not in settings.catalog_models}
         self._holder = f"gateway-{uuid.uuid4().hex[:12]}"  # this gateway's holds on versions in the services
+        # Holds are leases (services/triton/versions.py): renewed while this gateway lives, so a gateway that dies
+        # without unloading (SIGKILL) leaves its versions loaded for one lease, not forever.
+        self._holds = threading.Lock()  # guards _held: a renewal is never sent after its version's unload
+        self._held: dict[str, tuple[str, int]] = {}  # name@version -> (name, version) while this gateway holds it
+        self._closed = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_holds, name="hold-renewer", daemon=True)
+        self._renewer.start()
 
     def _connect(self, name: str, endpoints: dict[str, str]) -> dict[str, ReplicaSet]:
         missing = [kind for kind in protocol.SERVICE_KINDS if kind not in endpoints]
@@ -119,7 +130,7 @@ class TritonBackend:
     def _client(self, name: str, kind: str) -> Callable[[str], ServiceClient]:
         settings = self._settings
         return lambda address: ServiceClient(address, f"{name} {kind} service", settings.max_message_bytes,
-                                             settings.step_deadline_s)
+                                             settings.step_deadline_s, self._tls)
 
     def _get(self, model: str) -> WorldServices:
         services = self._worlds.get(model)
@@ -165,14 +176,40 @@ class TritonBackend:
             if kinds is None:
                 raise ModelUnavailable(f"model {model.name!r} has no Triton endpoints; configured: "
                                        f"{', '.join(self._replicas) or 'none'}")
-            self._control(kinds, "load", model.version)
+            # Renewed from the start: a service that loads it quickly must keep it while a slow one still loads.
+            with self._holds:
+                self._held[model.ref] = (model.name, model.version)
+            try:
+                self._control(kinds, "load", model.version)
+            except BaseException:  # no longer renewed: whatever did load lapses after one lease
+                with self._holds:
+                    self._held.pop(model.ref, None)
+                raise
             self._worlds.setdefault(model.ref, WorldServices(model.ref, **kinds, version=model.version))
         return self._get(model.ref).info
 
     def unload_version(self, key: str) -> None:
-        services = self._worlds.pop(key, None)
+        with self._holds:  # after this, no renewal of it is sent: the unload below comes last
+            services = self._worlds.pop(key, None)
+            self._held.pop(key, None)
         if services is not None and services.version is not None:
             self._control(self._replicas[split_key(key)[0]], "unload", services.version)
+
+    def _renew_holds(self) -> None:
+        """Re-sends this gateway's holds every triton_hold_renew_s without waiting for the answers: a service busy
+        loading another version answers late, and the other services' leases must not wait for it."""
+        while not self._closed.wait(self._settings.triton_hold_renew_s):
+            with self._holds:  # never after an unload of the same version
+                for key, (name, version) in self._held.items():
+                    command = {"command": np.array([protocol.control_command("load", version, self._holder)],
+                                                   dtype=object)}
+                    for replicas in self._replicas[name].values():
+                        for replica in replicas.reachable():
+                            try:
+                                replica.client.submit(protocol.CONTROL, [command])
+                            except Exception as error:  # noqa: BLE001 - the renewer must live on; it retries
+                                log.warning("renewing this gateway's hold on %s at %s failed: %s", key,
+                                            replica.address, error)
 
     def _control(self, kinds: dict[str, ReplicaSet], action: str, version: int) -> None:
         """One control request per replica of each service, in parallel: each loads its part of the version
@@ -364,6 +401,8 @@ class TritonBackend:
 
     def close(self) -> None:
         """Lets go of this gateway's versions in the services (other gateways' holds keep theirs loaded)."""
+        self._closed.set()
+        self._renewer.join()
         self._refresher.close()
         for key in [key for key, services in list(self._worlds.items()) if services.version is not None]:
             try:

@@ -33,6 +33,12 @@ class ServiceSettings:
     device: str = "cpu"
     port_wait_s: float = 15.0  # how long a restart waits for a killed instance's tritonserver to free the ports
     catalog: bool = False  # serve model_name's published versions (store from GENIE_STORE_*), not a checkpoint
+    hold_lease_s: float = protocol.HOLD_LEASE_S  # with catalog: a gateway's hold on a version lapses unrenewed this long
+    # TLS on the gRPC endpoint (the gateway's); with tls_client_ca also mutual: only clients holding a
+    # certificate that CA signed may connect. Triton's HTTP endpoint has no TLS (health and /v2 stay plaintext).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 OPTION_HELP = {
@@ -64,10 +70,49 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device: cpu, cuda, cuda:1 (default %(default)s)")
     parser.add_argument("--port-wait-s", type=float, default=defaults.port_wait_s,
                         help="how long to wait for busy ports before exiting with status 1 (default %(default)s)")
+    parser.add_argument("--hold-lease-s", type=float, default=defaults.hold_lease_s,
+                        help="with --catalog: a gateway's hold on a version lapses when not renewed for this long "
+                        "(a dead gateway's versions are unloaded then; gateways renew every "
+                        f"{protocol.HOLD_RENEW_S:g} s by default) (default %(default)s)")
+    parser.add_argument("--tls-cert", type=Path, default=None,
+                        help="PEM certificate (chain) of the gRPC endpoint: serve it over TLS (needs --tls-key)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, default=None,
+                        help="PEM CA: with --tls-cert, accept only clients with a certificate it signed (mutual TLS)")
 
 
-def settings_from(args: argparse.Namespace) -> ServiceSettings:
-    return ServiceSettings(**{name: getattr(args, name) for name in (field.name for field in fields(ServiceSettings))})
+@dataclass(frozen=True)
+class ServerTLS:
+    """A service's TLS files, as a launcher (services/triton/stack.py) passes them on its command line."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None  # mutual TLS
+
+    def arguments(self) -> list[str]:
+        extra = [] if self.client_ca_file is None else ["--tls-client-ca", str(self.client_ca_file)]
+        return ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file), *extra]
+
+
+def check_tls(settings: ServiceSettings) -> None:
+    """Refuse half-configured TLS and unreadable files by name, before anything starts."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together: give both to serve gRPC over TLS, or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for option, path in (("--tls-cert", settings.tls_cert), ("--tls-key", settings.tls_key),
+                         ("--tls-client-ca", settings.tls_client_ca)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{option} {path}: no such file")
+
+
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServiceSettings:
+    settings = ServiceSettings(**{name: getattr(args, name) for name in (field.name for field in fields(ServiceSettings))})
+    try:
+        check_tls(settings)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 and the usage line
+    return settings
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[str, ServiceSettings]:
@@ -75,14 +120,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str, ServiceSettings]:
     parser.add_argument("kind", choices=protocol.SERVICE_KINDS)
     add_service_arguments(parser)
     args = parser.parse_args(argv)
-    return args.kind, settings_from(args)
+    return args.kind, settings_from(args, parser)
 
 
 def register(serve_sub: argparse._SubParsersAction) -> None:
     for kind in protocol.SERVICE_KINDS:
         service = serve_sub.add_parser(kind, help=f"the {kind} Triton model service", description=DESCRIPTION)
         add_service_arguments(service)
-        service.set_defaults(handler=_serve)
+        service.set_defaults(handler=_serve, service_parser=service)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -91,4 +136,4 @@ def _serve(args: argparse.Namespace) -> None:
     from services.triton.serve import run  # torch and Triton load only now
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args.service, settings_from(args))
+    run(args.service, settings_from(args, args.service_parser))

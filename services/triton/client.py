@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -69,12 +71,35 @@ def ids_column(world_id: str, rows: bool) -> np.ndarray:
     return column[None] if rows else column
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS towards the model services: the CA that signed their certificates, and for mutual TLS our own."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self):
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("triton_tls_cert_file and triton_tls_key_file go together (mutual TLS), or neither")
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path}: no such file")
+
+    def client_options(self) -> dict:
+        """tritonclient's TLS arguments (it reads the files itself)."""
+        return {"ssl": True, "root_certificates": str(self.ca_file),
+                "private_key": None if self.key_file is None else str(self.key_file),
+                "certificate_chain": None if self.cert_file is None else str(self.cert_file)}
+
+
 class ServiceClient:
     """One Triton service (tokenizer, lam or dynamics) of one world model."""
 
-    def __init__(self, url: str, what: str, max_message_bytes: int, timeout_s: float):
+    def __init__(self, url: str, what: str, max_message_bytes: int, timeout_s: float, tls: ClientTLS | None = None):
         self.url, self.what, self.timeout_s = url, what, timeout_s
-        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_options(max_message_bytes))
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_options(max_message_bytes),
+                                                       **(tls.client_options() if tls else {}))
 
     def _error(self, error: InferenceServerException) -> Exception:
         message = error.message() or str(error)

@@ -28,8 +28,12 @@ DYNAMICS_END = "dynamics_end"
 # versioned names (`dynamics_step_v3`), on a gateway's `control` request (COMMAND JSON in, LOADED JSON out):
 # {"action": "load" | "unload", "version": N, "holder": GATEWAY_ID} -> {"loaded": [versions]}. A version stays
 # loaded while any holder (gateway) holds it, so gateways sharing the services cannot unload each other's.
+# A hold is a lease: a gateway renews its holds by sending "load" again every HOLD_RENEW_S; a hold not renewed for
+# the service's --hold-lease-s lapses, so a gateway that died (SIGKILL, lost node) leaks no version for long.
 CONTROL = "control"
 CONTROL_TIMEOUT_S = 300.0  # one load: a version of the coinrun preset downloads and binds well within this
+HOLD_LEASE_S = 120.0  # a service's default lease
+HOLD_RENEW_S = 30.0  # a gateway's default renewal period: several renewals fit in one lease
 
 SERVICE_KINDS = ("tokenizer", "lam", "dynamics")
 MODELS_BY_KIND = {

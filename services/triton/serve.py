@@ -91,11 +91,16 @@ def catalog_bindings(kind: str, settings: ServiceSettings) -> Callable[[int], li
 
 
 def triton_config(settings: ServiceSettings) -> TritonConfig:
+    tls = {}
+    if settings.tls_cert is not None:
+        tls = {"grpc_use_ssl": True, "grpc_server_cert": str(settings.tls_cert), "grpc_server_key": str(settings.tls_key)}
+        if settings.tls_client_ca is not None:
+            tls |= {"grpc_use_ssl_mutual": True, "grpc_root_cert": str(settings.tls_client_ca)}
     return TritonConfig(grpc_port=settings.grpc_port, http_port=settings.http_port,
                         metrics_port=settings.metrics_port, grpc_address=settings.address,
                         http_address=settings.address, metrics_address=settings.address,
                         allow_metrics=True, allow_gpu_metrics=settings.device.startswith("cuda"),
-                        exit_timeout_secs=3)  # also how long an orphaned tritonserver holds our ports
+                        exit_timeout_secs=3, **tls)  # exit_timeout: also how long an orphaned tritonserver holds our ports
 
 
 def use_own_libpython() -> None:
@@ -220,8 +225,10 @@ def serve(kind: str, settings: ServiceSettings) -> None:
     TritonWatch(kind, stop, lambda: shutil.rmtree(parent, ignore_errors=True)).start()
     try:
         with Triton(config=triton_config(settings), workspace=parent / "ws") as triton:
-            bindings = (world_bindings(kind, model, settings, settings.model_name) if settings.checkpoint is not None
-                        else [control_binding(controls, VersionHost(kind, triton, load_version))])
+            host = (VersionHost(kind, triton, load_version, settings.hold_lease_s) if settings.checkpoint is None
+                    else None)
+            bindings = (world_bindings(kind, model, settings, settings.model_name) if host is None
+                        else [control_binding(controls, host)])
             for binding in bindings:
                 triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,
                             outputs=binding.outputs, config=binding.config, strict=True)
@@ -231,6 +238,8 @@ def serve(kind: str, settings: ServiceSettings) -> None:
             # not yet loaded counts as dead to that check.
             while triton.is_alive():
                 controls.run_next(timeout_s=1.0)
+                if host is not None:
+                    host.release_lapsed()
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     if not stop.requested:

@@ -27,7 +27,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from services.triton import protocol
-from services.triton.client import to_inputs
+from services.triton.cli import ServerTLS
+from services.triton.client import ClientTLS, to_inputs
 
 logger = logging.getLogger("genie.stack")
 
@@ -138,6 +139,8 @@ class ServiceOptions:
     torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
     environment: dict[str, str] = field(default_factory=dict)  # more variables, e.g. GENIE_STORE_* for a catalog
     hold_lease_s: float | None = None  # catalog services: their --hold-lease-s (None: the service's default)
+    tls: ServerTLS | None = None  # serve gRPC over TLS
+    client_tls: ClientTLS | None = None  # how our probes and the stack's gateway reach TLS services
 
 
 class ServiceExited(RuntimeError):
@@ -166,6 +169,8 @@ class TritonService:
             self.command += ["--workspace-root", str(options.workspace_root)]
         if checkpoint is None and options.hold_lease_s is not None:
             self.command += ["--hold-lease-s", str(options.hold_lease_s)]
+        if options.tls is not None:
+            self.command += options.tls.arguments()
         self.process: subprocess.Popen | None = None
         self.stopping = False  # SIGTERM sent
 
@@ -191,7 +196,7 @@ class TritonService:
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until Triton's own health endpoint and every model of this service say ready."""
         deadline = time.monotonic() + timeout_s
-        with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
+        with contextlib.closing(self._client()) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     kill_group(self.process)
@@ -205,6 +210,10 @@ class TritonService:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def _client(self) -> grpcclient.InferenceServerClient:
+        tls = self.options.client_tls
+        return grpcclient.InferenceServerClient(self.url, **(tls.client_options() if tls else {}))
+
     def answers(self, timeout_s: float) -> bool:
         """Whether this service's own process answers a request within timeout_s. Triton's health endpoints are
         served by tritonserver, which stays ready while the process that runs our models hangs (SIGSTOP, a
@@ -212,7 +221,7 @@ class TritonService:
         it refuses at once (not JSON) without touching any version."""
         model, inputs = ((protocol.CONTROL, {"command": np.array([b"probe"], dtype=object)}) if self.catalog
                          else (protocol.INFO, {"query": np.array([b""], dtype=object)}))
-        with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
+        with contextlib.closing(self._client()) as client:
             try:
                 client.infer(model, to_inputs(inputs), client_timeout=timeout_s)
             except InferenceServerException as error:
@@ -282,7 +291,7 @@ class ServiceStack:
                  ports: dict[str, ServicePorts] | None = None, log_dir: Path | None = None):
         if not protocol.MODEL_NAME_PATTERN.match(model_name):
             raise ValueError(f"model name {model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
-        self.model_name, self.catalog = model_name, checkpoint is None
+        self.model_name, self.catalog, self.options = model_name, checkpoint is None, options
         ports = ports or stack_ports(0)
         checkpoint = None if checkpoint is None else Path(checkpoint)
         self.services = {kind: TritonService(kind, checkpoint, model_name, ports[kind], options,
@@ -316,7 +325,11 @@ class ServiceStack:
         """GatewaySettings fields that point a gateway at this stack."""
         endpoints = {kind: service.url for kind, service in self.services.items()}
         catalog = {"catalog_models": [self.model_name]} if self.catalog else {}
-        return {"backend": "triton", "triton_endpoints": {self.model_name: endpoints}} | catalog
+        tls = self.options.client_tls
+        tls_files = {} if tls is None else {"triton_tls_ca_file": str(tls.ca_file)} | (
+            {} if tls.cert_file is None else {"triton_tls_cert_file": str(tls.cert_file),
+                                              "triton_tls_key_file": str(tls.key_file)})
+        return {"backend": "triton", "triton_endpoints": {self.model_name: endpoints}} | catalog | tls_files
 
     def gateway_environment(self) -> dict[str, str]:
         """The same as GENIE_GATEWAY_* variables, for a gateway in its own process."""

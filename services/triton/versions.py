@@ -53,14 +53,17 @@ class ControlQueue:
 
 
 class VersionHost:
-    """The loaded versions of one service kind and who holds them. Called on the main thread only.
+    """The loaded versions of one service kind and who holds them, each hold a lease of lease_s renewed by loading
+    again. Called on the main thread only.
 
     load_bindings(version) -> the version's Bindings (it fetches the version from the catalog and loads it)."""
 
-    def __init__(self, kind: str, triton: Triton, load_bindings: Callable[[int], list[Binding]]):
+    def __init__(self, kind: str, triton: Triton, load_bindings: Callable[[int], list[Binding]],
+                 lease_s: float = protocol.HOLD_LEASE_S, clock: Callable[[], float] = time.monotonic):
         self.kind, self.triton, self.load_bindings = kind, triton, load_bindings
+        self.lease_s, self.clock = lease_s, clock
         self.bound: dict[int, list[str]] = {}  # version -> its Triton model names
-        self.holders: dict[int, set[str]] = {}
+        self.holders: dict[int, dict[str, float]] = {}  # version -> holder -> when its lease lapses
 
     def load(self, version: int, holder: str) -> None:
         if version not in self.bound:
@@ -77,13 +80,27 @@ class VersionHost:
                 raise
             self.bound[version] = names
             logger.info("%s service loaded version %d", self.kind, version)
-        self.holders.setdefault(version, set()).add(holder)
+        self.holders.setdefault(version, {})[holder] = self.clock() + self.lease_s
 
     def unload(self, version: int, holder: str) -> None:
         """Unbinds the version once no holder is left."""
-        holders = self.holders.get(version, set())
-        holders.discard(holder)
-        if holders or version not in self.bound:
+        self.holders.get(version, {}).pop(holder, None)
+        self._unbind_if_unheld(version)
+
+    def release_lapsed(self) -> None:
+        """Drops holds whose lease lapsed (their gateway stopped renewing: it died) and unbinds what nobody holds."""
+        now = self.clock()
+        for version, holders in list(self.holders.items()):
+            lapsed = [holder for holder, until in holders.items() if until <= now]
+            for holder in lapsed:
+                del holders[holder]
+                logger.warning("%s service: %s's hold on version %d lapsed (not renewed for %g s)",
+                               self.kind, holder, version, self.lease_s)
+            if lapsed:
+                self._unbind_if_unheld(version)
+
+    def _unbind_if_unheld(self, version: int) -> None:
+        if self.holders.get(version) or version not in self.bound:
             return
         unbind_all(self.triton, self.bound.pop(version))
         self.holders.pop(version, None)
@@ -94,7 +111,14 @@ class VersionHost:
         if action not in ("load", "unload") or not isinstance(version, int) or version < 1 or not holder:
             raise PyTritonBadParameterError('control takes {"action": "load"|"unload", "version": N >= 1, '
                                             f'"holder": ID}}, got {command}')
+        started = self.clock()
         (self.load if action == "load" else self.unload)(version, str(holder))
+        # Renewals cannot reach us while a load or unload runs (one control request at a time): that time is
+        # added to every lease, so a lease only runs down while renewals can be heard.
+        busy_s = self.clock() - started
+        for holders in self.holders.values():
+            for other in holders:
+                holders[other] += busy_s
         return sorted(self.bound)
 
 

@@ -13,9 +13,11 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -32,12 +34,13 @@ from services.stores import open_store
 from services.stores.catalog import ModelCatalog
 from services.triton import protocol
 from tests.services.conftest import gateway_settings, tiny_world_model
-from services.triton.stack import ServiceStack, TritonService
+from services.triton.client import ServiceClient
+from services.triton.stack import ServicePorts, ServiceStack, TritonService
 from tests.services.helpers import (MAX_WORLDS, MODEL_NAME, create_request, free_port, open_channel, pixels_of,
                                    png_prompt, wait_serving)
 from tests.services import jobs_servers
 from tests.services.jobs_servers import S3Server
-from tests.services.triton_stack import running_stack
+from tests.services.triton_stack import options_for_tests, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 s3_server = jobs_servers.s3_server  # the suite's SeaweedFS fixture, used here
@@ -206,7 +209,8 @@ def torch_free_gateway(stack: ServiceStack, store_environment: dict[str, str], l
     port, metrics_port = free_port(), free_port()
     environment = os.environ | stack.gateway_environment() | store_environment | {
         "GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_AUTH": "none", "GENIE_GATEWAY_CATALOG_POLL_S": str(POLL_S),
-        "GENIE_GATEWAY_MAX_WORLDS": str(MAX_WORLDS), "GENIE_GATEWAY_BATCH_WINDOW_MS": "5"}
+        "GENIE_GATEWAY_MAX_WORLDS": str(MAX_WORLDS), "GENIE_GATEWAY_BATCH_WINDOW_MS": "5",
+        "GENIE_GATEWAY_TRITON_HOLD_RENEW_S": "1"}
     process = subprocess.Popen([sys.executable, "-c", WITHOUT_TORCH, "serve", "gateway", "--port", str(port),
                                 "--metrics-port", str(metrics_port)], env=environment,
                                stdout=subprocess.DEVNULL, stderr=log.open("ab"))
@@ -236,7 +240,9 @@ def ready_in_triton(service: TritonService, version: int) -> list[bool]:
 def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkpoints, catalog_environment, tmp_path):
     catalog = open_catalog(catalog_environment)
     catalog.publish(MODEL_NAME, checkpoints[1])
-    with running_stack(None, MODEL_NAME, environment=catalog_environment) as stack:
+    # Holds lapse after 3 s unrenewed and the gateway renews every second: the scenario outlasts many leases, so a
+    # version that stayed loaded throughout was kept by renewals.
+    with running_stack(None, MODEL_NAME, environment=catalog_environment, hold_lease_s=3.0) as stack:
         def served_by_triton(version: int) -> bool:
             """Whether every service has the version's models loaded, as Triton itself reports."""
             ready = [each for service in stack.services.values() for each in ready_in_triton(service, version)]
@@ -248,6 +254,8 @@ def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkp
             # but took ~40 s per bind with another process holding the cores: the bound is generous and the
             # time is printed (pytest -s), so the suite checks the behaviour without failing on a busy machine.
             publish_while_worlds_play(port, metrics_port, catalog, checkpoints, served_by_triton, pickup_bound_s=180)
+        lapsed = [kind for kind, service in stack.services.items() if "lapsed" in service.log_tail(10_000)]
+        assert not lapsed, f"a live gateway's hold lapsed in the {lapsed} service(s)"
 
 
 def test_a_restarted_gateway_resumes_worlds_on_their_version(checkpoints, catalog_environment, redis_url):
@@ -308,3 +316,40 @@ def test_a_restarted_catalog_service_binds_its_version_again_when_the_gateway_ne
             newcomer = create(stub, seed=5)
             assert newcomer.world.model_version == 1
             assert np.array_equal(step(stub, newcomer.world.world_id, ACTIONS[0]), twin_frames[0])
+
+
+def test_a_hold_not_renewed_lapses_so_a_dead_gateways_versions_are_unloaded(checkpoints, catalog_environment,
+                                                                            tmp_path):
+    """Holds are leases: a holder that stops renewing (its gateway was SIGKILLed) loses its hold after the lease, and
+    a version nobody holds any more is unbound; a holder that keeps renewing keeps the version loaded meanwhile."""
+    lease_s = 4.0
+    open_catalog(catalog_environment).publish(MODEL_NAME, checkpoints[1])
+    with contextlib.ExitStack() as stack:
+        workspace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="genie-ws-")))
+        options = replace(options_for_tests(workspace_root=workspace, environment=catalog_environment),
+                          hold_lease_s=lease_s)
+        service = TritonService("lam", None, MODEL_NAME, ServicePorts.free(), options, tmp_path / "lam.log")
+        service.start()
+        stack.callback(service.stop)
+        service.wait_ready()
+        assert service.answers(timeout_s=5.0)  # the supervisor's probe of a catalog service: refused at once
+        client = ServiceClient(service.url, "lam service", 2**24, protocol.CONTROL_TIMEOUT_S)
+        stack.callback(client.close)
+
+        def hold(holder: str) -> None:
+            command = np.array([protocol.control_command("load", 1, holder)], dtype=object)
+            client.infer(protocol.CONTROL, {"command": command}, timeout_s=protocol.CONTROL_TIMEOUT_S)
+
+        hold("dead-gateway")
+        hold("live-gateway")
+        assert all(ready_in_triton(service, 1))
+        renewed_until = time.monotonic() + 2.5 * lease_s
+        while time.monotonic() < renewed_until:  # the live holder renews; the dead one never does
+            hold("live-gateway")
+            time.sleep(lease_s / 4)
+        assert all(ready_in_triton(service, 1)), "a renewed hold lapsed"
+        log = (tmp_path / "lam.log").read_text(errors="replace")
+        assert "dead-gateway's hold on version 1 lapsed" in log and "live-gateway's hold" not in log
+        wait_for(lambda: not any(ready_in_triton(service, 1)), "version 1 unloaded once no hold was renewed",
+                 timeout_s=lease_s + 30)
+        assert "lam service unloaded version 1" in (tmp_path / "lam.log").read_text(errors="replace")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from services.triton.stack import ServiceOptions, ServicePorts, ServiceStack, TritonService
@@ -29,12 +30,13 @@ def lone_service(kind: str, checkpoint: Path, model_name: str, log_dir: Path, ma
 
 @contextlib.contextmanager
 def running_stack(checkpoint: Path | None, model_name: str, max_worlds: int = 16,
-                  environment: dict[str, str] | None = None) -> Iterator[ServiceStack]:
-    """checkpoint None: catalog services (--catalog), with the store named in environment (GENIE_STORE_*)."""
+                  environment: dict[str, str] | None = None, hold_lease_s: float | None = None) -> Iterator[ServiceStack]:
+    """checkpoint None: catalog services (--catalog), with the store named in environment (GENIE_STORE_*) and
+    holds on versions lapsing after hold_lease_s unrenewed (None: the services' default)."""
     # Workspaces get their own short root (Unix socket paths are short), removed even after a SIGKILL.
     with tempfile.TemporaryDirectory(prefix="genie-triton-test-") as log_dir, \
             tempfile.TemporaryDirectory(prefix="genie-ws-") as workspace_root:
-        options = options_for_tests(max_worlds, Path(workspace_root), environment)
+        options = replace(options_for_tests(max_worlds, Path(workspace_root), environment), hold_lease_s=hold_lease_s)
         with ServiceStack(checkpoint, model_name, options, log_dir=Path(log_dir)) as stack:
             yield stack
 
