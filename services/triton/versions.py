@@ -97,7 +97,11 @@ class VersionHost:
                 logger.warning("%s service: %s's hold on version %d lapsed (not renewed for %g s)",
                                self.kind, holder, version, self.lease_s)
             if lapsed:
-                self._unbind_if_unheld(version)
+                try:
+                    self._unbind_if_unheld(version)
+                except Exception:  # noqa: BLE001 - the serving loop must live on; nobody asked for this unload
+                    logger.exception("%s service: unloading unheld version %d failed; it stays loaded", self.kind,
+                                     version)
 
     def _unbind_if_unheld(self, version: int) -> None:
         if self.holders.get(version) or version not in self.bound:
