@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from services.triton import protocol
+from services.triton import probe, protocol
 from services.triton.cli import ServerTLS
-from services.triton.client import ClientTLS, to_inputs
+from services.triton.client import ClientTLS
 
 logger = logging.getLogger("genie.stack")
 
@@ -158,8 +157,7 @@ class TritonService:
         self.kind, self.ports, self.options, self.log_path = kind, ports, options, log_path
         source = ["--catalog"] if checkpoint is None else ["--checkpoint", str(checkpoint)]
         # A catalog service starts with only its control model; versions are bound when a gateway asks.
-        self.catalog = checkpoint is None
-        self.ready_models = (protocol.CONTROL,) if self.catalog else protocol.MODELS_BY_KIND[kind]
+        self.ready_models = (protocol.CONTROL,) if checkpoint is None else protocol.MODELS_BY_KIND[kind]
         self.command = [sys.executable, "-m", "services.triton", kind, *source,
                         "--model-name", model_name, "--address", options.address,
                         "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
@@ -215,18 +213,8 @@ class TritonService:
         return grpcclient.InferenceServerClient(self.url, **(tls.client_options() if tls else {}))
 
     def answers(self, timeout_s: float) -> bool:
-        """Whether this service's own process answers a request within timeout_s. Triton's health endpoints are
-        served by tritonserver, which stays ready while the process that runs our models hangs (SIGSTOP, a
-        deadlock); a request must go through it: the info model, or for a catalog service a control command that
-        it refuses at once (not JSON) without touching any version."""
-        model, inputs = ((protocol.CONTROL, {"command": np.array([b"probe"], dtype=object)}) if self.catalog
-                         else (protocol.INFO, {"query": np.array([b""], dtype=object)}))
-        with contextlib.closing(self._client()) as client:
-            try:
-                client.infer(model, to_inputs(inputs), client_timeout=timeout_s)
-            except InferenceServerException as error:
-                return self.catalog and "not JSON" in str(error)
-        return True
+        """Whether this service's own process answers a request within timeout_s (services/triton/probe.py)."""
+        return probe.answers(self.url, timeout_s, self.options.client_tls)
 
     def terminate(self) -> None:
         """Ask for a graceful Triton shutdown (SIGTERM, once) without waiting for it."""

@@ -4,6 +4,7 @@ select, only the gateway reaches the model services, and the gpu overlay asks fo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import kubernetes_validate
@@ -152,8 +153,13 @@ def test_model_service_probes_and_gateway_endpoint_use_its_grpc_port_and_model_n
     deployment = objects_of(objects, "Deployment")[f"genie-{kind}"]
     args = command_of(deployment)
     spec = container(deployment)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert spec[probe]["grpc"]["port"] == args.grpc_port
+    # Liveness runs the probe module against the same port (a hang is invisible to tritonserver's health service).
+    command = spec["livenessProbe"]["exec"]["command"]
+    assert command[:3] == ["python", "-m", "services.triton.probe"] and importlib.util.find_spec(command[2])
+    assert int(command[command.index("--grpc-port") + 1]) == args.grpc_port
+    assert float(command[command.index("--timeout-s") + 1]) < spec["livenessProbe"]["timeoutSeconds"]
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
     gateway = settings_from_env(environment(objects, objects_of(objects, "Deployment")["genie-gateway"]), monkeypatch)
     endpoint = gateway[GatewaySettings].triton_endpoints[args.model_name][kind]

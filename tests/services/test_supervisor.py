@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +95,11 @@ def test_the_rest_of_a_dead_childs_process_group_is_killed_before_it_restarts():
     assert supervisor.stop() == {"dynamics": None}
 
 
+def probe_exit_code(service: TritonService) -> int:
+    return subprocess.run([sys.executable, "-m", "services.triton.probe", "--grpc-port", str(service.ports.grpc),
+                           "--timeout-s", "2"], capture_output=True, timeout=60).returncode
+
+
 def test_a_hung_model_service_is_killed_and_restarted(world_checkpoint, tmp_path, caplog):
     """SIGSTOP freezes the service's own process; tritonserver (its child) still says ready, so only a request that
     goes through the frozen process shows the hang. The supervisor kills it after its probes go unanswered and
@@ -112,8 +118,10 @@ def test_a_hung_model_service_is_killed_and_restarted(world_checkpoint, tmp_path
                 supervisor.check()
                 time.sleep(0.1)
             frozen = service.process.pid
+            assert probe_exit_code(service) == 0  # the Kubernetes liveness probe, on the same service
             os.kill(frozen, signal.SIGSTOP)
             stopped_at = time.monotonic()
+            assert probe_exit_code(service) == 1
             with caplog.at_level(logging.INFO, logger="genie.stack"):
                 while service.process.pid == frozen or not supervisor.answered["lam"]:
                     assert time.monotonic() - stopped_at < READY_TIMEOUT_S, service.log_tail()
