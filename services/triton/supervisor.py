@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,6 +89,8 @@ class Supervisor:
         self.next_probe = {name: 0.0 for name in children}
         self.answered = {name: False for name in children}  # since its last start: probes count from then on
         self.unanswered = {name: 0 for name in children}
+        self.probing: dict[str, tuple[int, Future]] = {}  # name -> (pid probed, its answer to come)
+        self._probes = ThreadPoolExecutor(max(1, len(children)), thread_name_prefix="probe")
         for name in children:
             metrics.up.labels(name).set(1)
 
@@ -102,7 +105,7 @@ class Supervisor:
             if code is None:
                 if now - self.started_at[name] > self.policy.stable_after_s:
                     self.quick_failures[name] = 0
-                if hasattr(child, "answers") and now >= self.next_probe[name]:
+                if hasattr(child, "answers"):
                     self._probe(name, child)
                 continue
             kill_group(child.process)
@@ -114,9 +117,24 @@ class Supervisor:
                          extra={"service": name, "exit_code": code, "restart_in_s": delay})
 
     def _probe(self, name: str, child: Probed) -> None:
-        """Kills a child that answered before but then missed unanswered_limit probes in a row; the next check()
-        sees it exited and restarts it."""
-        if child.answers(self.policy.probe_timeout_s):
+        """Probes run on their own threads, so a slow answer (up to probe_timeout_s) never delays noticing and
+        restarting a child that exited. A finished probe is judged here; one that began before a restart is
+        dropped. A child that answered before but then missed unanswered_limit probes in a row is killed; the
+        next check() sees it exited and restarts it."""
+        pending = self.probing.get(name)
+        if pending is None:
+            if time.monotonic() >= self.next_probe[name]:
+                answer = self._probes.submit(child.answers, self.policy.probe_timeout_s)
+                self.probing[name] = (child.process.pid, answer)
+            return
+        pid, future = pending
+        if not future.done():
+            return
+        del self.probing[name]
+        self.next_probe[name] = time.monotonic() + self.policy.probe_every_s
+        if pid != child.process.pid:
+            return
+        if future.result():
             self.answered[name], self.unanswered[name] = True, 0
         elif self.answered[name]:  # still starting up until its first answer
             self.unanswered[name] += 1
@@ -125,7 +143,6 @@ class Supervisor:
                              self.unanswered[name], extra={"service": name, "pid": child.process.pid})
                 child.process.kill()
                 child.process.wait()
-        self.next_probe[name] = time.monotonic() + self.policy.probe_every_s
 
     def _restart(self, name: str, child: Child, now: float) -> None:
         del self.restart_at[name]
@@ -139,6 +156,7 @@ class Supervisor:
     def stop(self) -> dict[str, int | None]:
         """Gateway first (it drains in-flight steps), then the services all at once (each takes seconds to
         unload); -> exit codes, None for a child that was down awaiting its restart."""
+        self._probes.shutdown(wait=False, cancel_futures=True)
         codes: dict[str, int | None] = {name: None for name in self.restart_at}
         running = {name: child for name, child in self.children.items() if name not in self.restart_at}
         if "gateway" in running:
