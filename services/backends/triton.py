@@ -112,7 +112,7 @@ class TritonBackend:
         # Holds are leases (services/triton/versions.py): renewed while this gateway lives, so a gateway that dies
         # without unloading (SIGKILL) leaves its versions loaded for one lease, not forever.
         self._holds = threading.Lock()  # guards _held: a renewal is never sent after its version's unload
-        self._held: dict[str, tuple[str, int]] = {}  # name@version -> (name, version) while this gateway holds it
+        self._held: set[str] = set()  # the name@version keys this gateway holds
         self._closed = threading.Event()
         self._renewer = threading.Thread(target=self._renew_holds, name="hold-renewer", daemon=True)
         self._renewer.start()
@@ -178,12 +178,12 @@ class TritonBackend:
                                        f"{', '.join(self._replicas) or 'none'}")
             # Renewed from the start: a service that loads it quickly must keep it while a slow one still loads.
             with self._holds:
-                self._held[model.ref] = (model.name, model.version)
+                self._held.add(model.ref)
             try:
                 self._control(kinds, "load", model.version)
             except BaseException:  # no longer renewed: whatever did load lapses after one lease
                 with self._holds:
-                    self._held.pop(model.ref, None)
+                    self._held.discard(model.ref)
                 raise
             self._worlds.setdefault(model.ref, WorldServices(model.ref, **kinds, version=model.version))
         return self._get(model.ref).info
@@ -191,7 +191,7 @@ class TritonBackend:
     def unload_version(self, key: str) -> None:
         with self._holds:  # after this, no renewal of it is sent: the unload below comes last
             services = self._worlds.pop(key, None)
-            self._held.pop(key, None)
+            self._held.discard(key)
         if services is not None and services.version is not None:
             self._control(self._replicas[split_key(key)[0]], "unload", services.version)
 
@@ -200,9 +200,9 @@ class TritonBackend:
         loading another version answers late, and the other services' leases must not wait for it."""
         while not self._closed.wait(self._settings.triton_hold_renew_s):
             with self._holds:  # never after an unload of the same version
-                for key, (name, version) in self._held.items():
-                    command = {"command": np.array([protocol.control_command("load", version, self._holder)],
-                                                   dtype=object)}
+                for key in self._held:
+                    name, version = split_key(key)
+                    command = self._control_inputs("load", version)
                     for replicas in self._replicas[name].values():
                         for replica in replicas.reachable():
                             try:
@@ -211,10 +211,13 @@ class TritonBackend:
                                 log.warning("renewing this gateway's hold on %s at %s failed: %s", key,
                                             replica.address, error)
 
+    def _control_inputs(self, action: str, version: int) -> dict[str, np.ndarray]:
+        return {"command": np.array([protocol.control_command(action, version, self._holder)], dtype=object)}
+
     def _control(self, kinds: dict[str, ReplicaSet], action: str, version: int) -> None:
         """One control request per replica of each service, in parallel: each loads its part of the version
         (seconds). A replica that cannot be reached is marked down; each kind needs one that answered."""
-        command = {"command": np.array([protocol.control_command(action, version, self._holder)], dtype=object)}
+        command = self._control_inputs(action, version)
         targets = [(replicas, replica) for replicas in kinds.values() for replica in replicas.reachable()]
 
         def send(target: tuple[ReplicaSet, Replica]) -> ServiceDown | None:
