@@ -33,7 +33,8 @@ class ServiceSettings:
     device: str = "cpu"
     port_wait_s: float = 15.0  # how long a restart waits for a killed instance's tritonserver to free the ports
     catalog: bool = False  # serve model_name's published versions (store from GENIE_STORE_*), not a checkpoint
-    hold_lease_s: float = protocol.HOLD_LEASE_S  # with catalog: a gateway's hold on a version lapses unrenewed this long
+    # With catalog: a gateway's hold on a version lapses when not renewed for this long.
+    hold_lease_s: float = protocol.HOLD_LEASE_S
     # TLS on the gRPC endpoint (the gateway's); with tls_client_ca also mutual: only clients holding a
     # certificate that CA signed may connect. Triton's HTTP endpoint has no TLS (health and /v2 stay plaintext).
     tls_cert: Path | None = None
@@ -94,8 +95,12 @@ class ServerTLS:
         return ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file), *extra]
 
 
-def check_tls(settings: ServiceSettings) -> None:
-    """Refuse half-configured TLS and unreadable files by name, before anything starts."""
+def check_settings(settings: ServiceSettings) -> None:
+    """Refuse what argparse cannot see by name, before anything starts: a lease that is not positive, half-configured
+    TLS, missing files."""
+    if settings.hold_lease_s <= 0:
+        raise ValueError("--hold-lease-s must be positive (seconds a hold lasts unrenewed), "
+                         f"got {settings.hold_lease_s:g}")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together: give both to serve gRPC over TLS, or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
@@ -107,9 +112,9 @@ def check_tls(settings: ServiceSettings) -> None:
 
 
 def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServiceSettings:
-    settings = ServiceSettings(**{name: getattr(args, name) for name in (field.name for field in fields(ServiceSettings))})
+    settings = ServiceSettings(**{field.name: getattr(args, field.name) for field in fields(ServiceSettings)})
     try:
-        check_tls(settings)
+        check_settings(settings)
     except ValueError as error:
         parser.error(str(error))  # exits with status 2 and the usage line
     return settings

@@ -96,3 +96,9 @@ def test_a_model_service_refuses_half_configured_tls_before_starting(extra, mess
     with pytest.raises(SystemExit) as exited:
         parse_args(["lam", "--checkpoint", "world", "--model-name", MODEL_NAME, *extra])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_model_service_refuses_a_lease_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["dynamics", "--catalog", "--model-name", MODEL_NAME, "--hold-lease-s", "0"])
+    assert exited.value.code == 2 and "--hold-lease-s must be positive" in capsys.readouterr().err
