@@ -9,7 +9,8 @@
 # certificate towards the model services, mutual TLS). Every server certificate also names localhost and
 # 127.0.0.1: the health checks and probes inside each container connect over loopback. Extra names for the
 # gateway and job API (the host clients dial): GENIE_TLS_EXTRA_SANS="DNS:genie.example.com,IP:10.0.0.5".
-# Development only: a production CA is your own (or cert-manager, deploy/k8s/components/tls/README.md).
+# Development only: a production CA is your own (on Kubernetes cert-manager may issue the certificates with it:
+# deploy/k8s/components/cert-manager).
 set -euo pipefail
 
 profile=${1:-compose}

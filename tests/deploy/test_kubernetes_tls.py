@@ -1,11 +1,13 @@
 """The TLS overlays (cpu-tls, gpu-tls = deploy/k8s/components/tls): every certificate a process reads is a key of a
 mounted Secret that secrets.example.yaml documents; model services serve mutual TLS with HTTP on loopback, and
 their probes reach them without a kubelet gRPC probe (which cannot speak TLS); the gateway and job API serve TLS,
-the gateway holds the CA and a client certificate, and the dev certificates name what the gateway dials."""
+the gateway holds the CA and a client certificate, and the dev certificates (or cert-manager's) name what the
+gateway dials."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -15,6 +17,7 @@ from services.settings import GatewaySettings, JobsSettings
 from services.triton import probe
 from services.triton.cli import LOOPBACK, ServiceSettings
 from tests.deploy.helpers import DEPLOY, TLS_OVERLAYS, service_settings, settings_from_env, subject_names
+from tests.deploy.tools import run
 from tests.deploy.test_kubernetes import MODEL_SERVICES, command_of, container, environment, objects_of
 
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
@@ -62,8 +65,8 @@ def test_no_kubelet_grpc_probe_is_left_to_fail_the_tls_handshake(rendered, overl
 def test_model_services_serve_mutual_tls_from_the_secret_and_their_probes_reach_them(rendered, overlay, kind):
     deployment = objects_of(rendered[overlay], "Deployment")[f"genie-{kind}"]
     settings: ServiceSettings = service_settings(command_of(deployment))
-    assert {mounted_secret(deployment, path) for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca)} \
-        == {"genie-model-services-tls"}
+    files = (settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    assert {mounted_secret(deployment, path) for path in files} == {"genie-model-services-tls"}
     assert settings.http_bind_address() == LOOPBACK and not settings.http_exposed_beside_tls()
     spec = container(deployment)
     for probe_name in ("startupProbe", "readinessProbe"):  # Triton's readiness, on its loopback HTTP endpoint
@@ -118,3 +121,41 @@ def test_plain_overlays_stay_plaintext(rendered):
     for overlay in ("cpu", "gpu"):
         for deployment in objects_of(rendered[overlay], "Deployment").values():
             assert "tls" not in " ".join(container(deployment).get("args", [])), "TLS is opt-in (the *-tls overlays)"
+
+
+@pytest.fixture(scope="module")
+def with_cert_manager(tmp_path_factory) -> list[dict]:
+    """cpu-tls plus deploy/k8s/components/cert-manager, rendered the way its kustomization.yaml tells to use it."""
+    folder = tmp_path_factory.mktemp("cert-manager-overlay")
+    overlay, component = (os.path.relpath(DEPLOY / "k8s" / path, folder)
+                          for path in ("overlays/cpu-tls", "components/cert-manager"))
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [overlay], "components": [component]}))
+    result = run("kubectl", "kustomize", str(folder))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_cert_manager_issues_every_tls_secret_with_the_names_and_usages_its_holder_needs(rendered, with_cert_manager,
+                                                                                        monkeypatch):
+    certificates = {item["spec"]["secretName"]: item["spec"] for item in with_cert_manager
+                    if item["kind"] == "Certificate"}
+    mounted = {volume["secret"]["secretName"] for deployment in objects_of(rendered["cpu-tls"], "Deployment").values()
+               for volume in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in volume}
+    tls_secrets = {name for name in mounted if name.endswith("-tls")}
+    assert set(certificates) == tls_secrets
+    (issuer,) = [item for item in with_cert_manager if item["kind"] == "Issuer"]
+    assert all(spec["issuerRef"]["name"] == issuer["metadata"]["name"] for spec in certificates.values())
+    assert issuer["spec"]["ca"]["secretName"] in example_secret_keys()
+    objects = rendered["cpu-tls"]
+    gateway = settings_from_env(environment(objects, objects_of(objects, "Deployment")["genie-gateway"]),
+                                monkeypatch)[GatewaySettings]
+    dialled = {endpoint.rsplit(":", 1)[0] for kinds in gateway.triton_endpoints.values() for endpoint in kinds.values()}
+    assert dialled <= set(certificates["genie-model-services-tls"]["dnsNames"])
+    for secret in ("genie-gateway-tls", "genie-jobs-tls", "genie-model-services-tls"):
+        spec = certificates[secret]
+        assert "localhost" in spec["dnsNames"] and "127.0.0.1" in spec["ipAddresses"], f"{secret}: probes dial loopback"
+        assert "server auth" in spec["usages"]
+    assert "client auth" in certificates["genie-model-services-tls"]["usages"]  # its liveness probe presents it
+    assert "client auth" in certificates["genie-gateway-triton-tls"]["usages"]
