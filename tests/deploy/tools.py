@@ -1,4 +1,5 @@
-"""The command-line tools the deploy tests run (kubectl, promtool, prometheus, openssl), installed with apt-get when missing."""
+"""The command-line tools the deploy tests run (kubectl, promtool, prometheus, openssl), installed with apt-get
+when missing."""
 
 from __future__ import annotations
 
