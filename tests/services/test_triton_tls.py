@@ -174,6 +174,25 @@ def test_a_client_verifies_the_service_name_it_is_given_not_the_address_it_dials
             client.close()
 
 
+def dns_overrides(stack: ServiceStack, host: str) -> dict:
+    """Gateway settings reaching the stack through dns discovery of `host`, one name:port per service."""
+    endpoints = {kind: f"{host}:{service.ports.grpc}" for kind, service in stack.services.items()}
+    return stack.overrides() | {"discovery": "dns", "triton_endpoints": {MODEL_NAME: endpoints}}
+
+
+def test_a_gateway_on_dns_discovery_verifies_the_endpoint_name_not_the_address_it_dials(tls_stack, monkeypatch):
+    stack, _ = tls_stack
+    resolve = socket.getaddrinfo
+
+    def loopback_names(host, port, *args, **kwargs):  # both names are this machine; the certificate has only localhost
+        return resolve("127.0.0.1" if host in ("localhost", "genie-unnamed") else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_names)
+    assert len(play(dns_overrides(stack, "localhost"), steps=1)) == 2  # dials 127.0.0.1, verifies localhost
+    with pytest.raises(ServiceDown):  # the same address under a name the certificate lacks: refused
+        play(dns_overrides(stack, "genie-unnamed"), steps=0)
+
+
 def test_the_gateway_verifies_a_discovered_name_and_addresses_as_written(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("")
