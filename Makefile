@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 PRESET ?= tiny
 PYTEST_ARGS ?=
 WORLD ?= out/demo/world
+TLS_PROFILE ?= compose
 
-.PHONY: help venv demo test test-fast bench serve lock clean
+.PHONY: help venv demo test test-fast bench serve tls-certs lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +36,9 @@ bench: venv  ## CPU benchmarks of training and world stepping (see README)
 
 serve: venv  ## serve WORLD (default out/demo/world): Triton services + gateway on 127.0.0.1:50051, auth off (development)
 	GENIE_GATEWAY_AUTH=$${GENIE_GATEWAY_AUTH:-none} $(BIN)/genie serve stack --world $(WORLD)
+
+tls-certs:  ## dev CA + certificates: TLS_PROFILE=compose (to deploy/secrets/tls) or k8s (deploy/secrets/tls-k8s)
+	deploy/tls/make-dev-certs.sh $(TLS_PROFILE)
 
 lock:  ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/pip install --quiet -r requirements.in

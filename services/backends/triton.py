@@ -10,19 +10,21 @@ each kind (services/backends/replicas.py), and a replica that cannot be reached 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
 
 from services import registry
 from services.backends.base import BackendError, ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
+from services.backends.discovery import split_address
 from services.backends.replicas import Refresher, Replica, ReplicaSet
 from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
@@ -33,6 +35,20 @@ from services.triton.client import (ClientTLS, ModelMissing, ReplicaUnavailable,
 from services.triton.protocol import Status
 
 log = logging.getLogger(__name__)
+
+
+def tls_for_endpoint(tls: ClientTLS | None, endpoint: str) -> ClientTLS | None:
+    """TLS towards one endpoint's replicas. An endpoint that is one name ('genie-dynamics-replicas:8001') may be
+    resolved to IP addresses (dns discovery), which no certificate names: verify the name instead. A list of
+    addresses (static discovery) is dialled as written, each address verified as itself."""
+    if tls is None or "," in endpoint:
+        return tls
+    host, _ = split_address(endpoint.strip(), endpoint)
+    try:
+        ipaddress.ip_address(host)
+        return tls  # an IP literal is dialled as itself
+    except ValueError:
+        return replace(tls, server_name=host)
 
 
 @dataclass
@@ -122,15 +138,16 @@ class TritonBackend:
         if missing:
             raise ValueError(f"triton_endpoints[{name!r}] lacks {', '.join(missing)}; "
                              f"each model needs {', '.join(protocol.SERVICE_KINDS)}")
-        kinds = {kind: ReplicaSet(name, kind, endpoints[kind], self._discovery, self._client(name, kind),
+        kinds = {kind: ReplicaSet(name, kind, endpoints[kind], self._discovery,
+                                  self._client(name, kind, endpoints[kind]),
                                   self._metrics, self._refresher.wake) for kind in protocol.SERVICE_KINDS}
         self._refresher.sets.extend(kinds.values())
         return kinds
 
-    def _client(self, name: str, kind: str) -> Callable[[str], ServiceClient]:
-        settings = self._settings
+    def _client(self, name: str, kind: str, endpoint: str) -> Callable[[str], ServiceClient]:
+        settings, tls = self._settings, tls_for_endpoint(self._tls, endpoint)
         return lambda address: ServiceClient(address, f"{name} {kind} service", settings.max_message_bytes,
-                                             settings.step_deadline_s, self._tls)
+                                             settings.step_deadline_s, tls)
 
     def _get(self, model: str) -> WorldServices:
         services = self._worlds.get(model)

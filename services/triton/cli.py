@@ -12,6 +12,9 @@ from pathlib import Path
 
 from services.triton import protocol
 
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ADDRESSES = (LOOPBACK, "::1", "localhost")
+
 DESCRIPTION = ("Serves one part of a trained world as a Triton model service until SIGTERM/SIGINT (exit 0). "
                "Exits with status 1 and one log line when it cannot serve: ports still taken after --port-wait-s, "
                "the world fails to load, or tritonserver dies, so a supervisor (genie serve stack, Kubernetes) "
@@ -40,6 +43,19 @@ class ServiceSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    http_address: str | None = None  # None: see http_bind_address()
+
+    def http_bind_address(self) -> str:
+        """Where Triton's plaintext HTTP endpoint (health, and /v2 inference) listens: --http-address when given;
+        loopback when gRPC serves TLS, or /v2 would be a way around it (in-container health checks and PyTriton
+        itself use loopback; Prometheus scrapes the separate metrics port); else --address."""
+        if self.http_address is not None:
+            return self.http_address
+        return LOOPBACK if self.tls_cert is not None else self.address
+
+    def http_exposed_beside_tls(self) -> bool:
+        """Whether plaintext HTTP inference is reachable from other hosts although gRPC requires TLS."""
+        return self.tls_cert is not None and self.http_bind_address() not in LOOPBACK_ADDRESSES
 
 
 OPTION_HELP = {
@@ -80,6 +96,9 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path, default=None,
                         help="PEM CA: with --tls-cert, accept only clients with a certificate it signed (mutual TLS)")
+    parser.add_argument("--http-address", default=None,
+                        help="interface of Triton's plaintext HTTP endpoint (health, /v2 inference): default "
+                        f"--address, but {LOOPBACK} with --tls-cert so plaintext HTTP is no way around TLS")
 
 
 @dataclass(frozen=True)

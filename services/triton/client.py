@@ -78,6 +78,9 @@ class ClientTLS:
     ca_file: Path
     cert_file: Path | None = None
     key_file: Path | None = None
+    # The name the service's certificate must carry when we dial an address that is not that name: dns discovery
+    # dials each replica's IP, while the certificate names the Service (None: verify the dialled host).
+    server_name: str | None = None
 
     def __post_init__(self):
         if (self.cert_file is None) != (self.key_file is None):
@@ -92,13 +95,18 @@ class ClientTLS:
                 "private_key": None if self.key_file is None else str(self.key_file),
                 "certificate_chain": None if self.cert_file is None else str(self.cert_file)}
 
+    def channel_args(self) -> list[tuple[str, str]]:
+        """gRPC channel arguments that verify the certificate against server_name (empty without one)."""
+        return [] if self.server_name is None else [("grpc.ssl_target_name_override", self.server_name)]
+
 
 class ServiceClient:
     """One Triton service (tokenizer, lam or dynamics) of one world model."""
 
     def __init__(self, url: str, what: str, max_message_bytes: int, timeout_s: float, tls: ClientTLS | None = None):
         self.url, self.what, self.timeout_s = url, what, timeout_s
-        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_options(max_message_bytes),
+        arguments = channel_options(max_message_bytes) + (tls.channel_args() if tls else [])
+        self.client = grpcclient.InferenceServerClient(url, channel_args=arguments,
                                                        **(tls.client_options() if tls else {}))
 
     def _error(self, error: InferenceServerException) -> Exception:

@@ -39,7 +39,7 @@ def answers(url: str, timeout_s: float, tls: ClientTLS | None = None) -> bool:
         return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.triton.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -47,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-ca", type=Path, help="PEM CA of a service serving TLS (--tls-cert)")
     parser.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     tls = None if args.tls_ca is None else ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
     url = f"{args.host}:{args.grpc_port}"
     if answers(url, args.timeout_s, tls):

@@ -98,9 +98,21 @@ def triton_config(settings: ServiceSettings) -> TritonConfig:
             tls |= {"grpc_use_ssl_mutual": True, "grpc_root_cert": str(settings.tls_client_ca)}
     return TritonConfig(grpc_port=settings.grpc_port, http_port=settings.http_port,
                         metrics_port=settings.metrics_port, grpc_address=settings.address,
-                        http_address=settings.address, metrics_address=settings.address,
+                        http_address=settings.http_bind_address(), metrics_address=settings.address,
                         allow_metrics=True, allow_gpu_metrics=settings.device.startswith("cuda"),
                         exit_timeout_secs=3, **tls)  # exit_timeout: also how long an orphaned tritonserver holds our ports
+
+
+def log_http_endpoint(settings: ServiceSettings) -> None:
+    """Says where plaintext HTTP (health, /v2 inference) listens, and warns when it is open beside TLS gRPC: an
+    operator reading the start-up log sees whether a way around TLS is open."""
+    address = settings.http_bind_address()
+    if settings.http_exposed_beside_tls():
+        logger.warning("plaintext HTTP (health, /v2 inference) on %s:%d is reachable from other hosts although gRPC "
+                       "requires TLS: drop --http-address to keep it on loopback", address, settings.http_port)
+    else:
+        logger.info("plaintext HTTP (health, /v2 inference) on %s:%d%s", address, settings.http_port,
+                    " only (gRPC serves TLS)" if settings.tls_cert is not None else "")
 
 
 def use_own_libpython() -> None:
@@ -209,6 +221,7 @@ def serve(kind: str, settings: ServiceSettings) -> None:
     if not protocol.MODEL_NAME_PATTERN.match(settings.model_name):
         raise ValueError(f"model name {settings.model_name!r} must match {protocol.MODEL_NAME_PATTERN.pattern}")
     stop = StopRequest()
+    log_http_endpoint(settings)
     wait_for_free_ports(settings)
     controls = ControlQueue()
     if settings.checkpoint is not None:

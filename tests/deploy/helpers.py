@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
 from services.settings import GatewaySettings, JobsSettings, StoreSettings, WorkerSettings
+from services.triton.cli import ServiceSettings
 from tests.deploy.tools import run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("cpu", "gpu")
+TLS_OVERLAYS = ("cpu-tls", "gpu-tls")  # cpu and gpu with deploy/k8s/components/tls
+OVERLAYS = ("cpu", "gpu", *TLS_OVERLAYS)
 SETTINGS_BY_PREFIX = {cls.model_config["env_prefix"]: cls
                       for cls in (GatewaySettings, StoreSettings, JobsSettings, WorkerSettings)}
 
@@ -62,6 +65,35 @@ def interpolate(value: str) -> str:
     return re.sub(r"\$\{\w+:\?[^}]*\}", "set-by-operator", value).replace("$$", "$")
 
 
+# Sequences Compose merges (unique entries, base first) when a second -f file names them; others it replaces.
+MERGED_SEQUENCES = {"secrets", "ports", "expose", "volumes", "configs"}
+
+
+def merge_compose(base: dict, override: dict) -> dict:
+    """`docker compose -f base -f override config` for the keys these files use: mappings merge, a `command` or
+    healthcheck `test` is replaced, secrets/ports/expose/volumes are merged. (No Compose engine runs in CI.)"""
+    merged = dict(base)
+    for name, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(name), dict):
+            merged[name] = merge_compose(base[name], value)
+        elif isinstance(value, list) and name in MERGED_SEQUENCES and isinstance(base.get(name), list):
+            merged[name] = base[name] + [item for item in value if item not in base[name]]
+        else:
+            merged[name] = value
+    return merged
+
+
+def subject_names(certificate: Path) -> set[str]:
+    """The DNS names and IP addresses a PEM certificate's subjectAltName lists ('localhost', '127.0.0.1')."""
+    result = run("openssl", "x509", "-in", str(certificate), "-noout", "-ext", "subjectAltName")
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"(?:DNS|IP Address):([^,\s]+)", result.stdout))
+
+
+def extended_key_usages(certificate: Path) -> str:
+    return run("openssl", "x509", "-in", str(certificate), "-noout", "-ext", "extendedKeyUsage").stdout
+
+
 def render(overlay: str) -> list[dict]:
     """Every object `kubectl kustomize deploy/k8s/overlays/<overlay>` renders."""
     result = run("kubectl", "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay))
@@ -80,6 +112,11 @@ def settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> d
             classes.add(settings_field(name)[0])
             monkeypatch.setenv(name, value)
     return {cls: cls() for cls in classes}
+
+
+def service_settings(args: argparse.Namespace) -> ServiceSettings:
+    """A parsed `genie serve tokenizer|lam|dynamics` -> its settings, without checking that its files exist here."""
+    return ServiceSettings(**{field.name: getattr(args, field.name) for field in fields(ServiceSettings)})
 
 
 # The genie services started by a command, and the settings prefixes each one reads.

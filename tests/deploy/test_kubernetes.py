@@ -70,7 +70,8 @@ def test_the_example_secrets_are_valid_and_are_what_the_base_references(rendered
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
     keys = {(secret["metadata"]["name"], key) for secret in secrets for key in secret["stringData"]}
     referenced = set()
-    for deployment in objects_of(rendered["cpu"], "Deployment").values():
+    deployments = [d for overlay in ("cpu", "cpu-tls") for d in objects_of(rendered[overlay], "Deployment").values()]
+    for deployment in deployments:
         spec = deployment["spec"]["template"]["spec"]
         for variable in container(deployment).get("env", []):
             if "valueFrom" in variable:
@@ -79,7 +80,8 @@ def test_the_example_secrets_are_valid_and_are_what_the_base_references(rendered
         referenced |= {(volume["secret"]["secretName"], None) for volume in spec.get("volumes", []) if "secret" in volume}
     for name, key in referenced:
         assert (name, key) in keys if key else any(found == name for found, _ in keys), f"secret {name}/{key} undocumented"
-    assert not objects_of(rendered["cpu"], "Secret"), "no Secret (and so no secret value) is rendered from git"
+    for overlay in rendered:
+        assert not objects_of(rendered[overlay], "Secret"), "no Secret (and so no secret value) is rendered from git"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,4 +1,5 @@
-"""The command-line tools the deploy tests run (kubectl, promtool, prometheus), installed with apt-get when missing."""
+"""The command-line tools the deploy tests run (kubectl, promtool, prometheus, openssl), installed with apt-get
+when missing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import shutil
 import subprocess
 
 # Debian packages that ship each tool (ENVIRONMENT.md): kubectl renders kustomize offline; prometheus has promtool.
-PACKAGES = {"kubectl": "kubectl", "promtool": "prometheus", "prometheus": "prometheus"}
+PACKAGES = {"kubectl": "kubectl", "promtool": "prometheus", "prometheus": "prometheus", "openssl": "openssl"}
 
 
 def tool(name: str) -> str:
