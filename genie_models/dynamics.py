@@ -251,14 +251,18 @@ class DynamicsModel(nn.Module):
     def append(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView) -> None:
         """Write known frames (tokens [B, T, S], actions [B, T]) into a committing cache view, without the
         output head: a world's history at a rebuild, or the frame a step just sampled."""
-        self._hidden(tokens, actions, cache)
+        self.transformer.write_cache(self._embed(tokens, actions), cache)
 
     def _hidden(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None) -> torch.Tensor:
+        x = self.transformer(self._embed(tokens, actions), cache=cache)
+        return x[:, :, 1:] if self.config.action_as_token else x  # [B, T, S, D]
+
+    def _embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, S], actions [B, T] -> the transformer's input [B, T, frame_length, D]."""
         x = self.token_embed(tokens)
         action = self.action_embed(actions)[:, :, None, :]  # [B, T, 1, D]
-        x = torch.cat([action, x], dim=2) if self.config.action_as_token else x + action  # [B, T, frame_length, D]
-        x = self.transformer(x + self.position, cache=cache)
-        return x[:, :, 1:] if self.config.action_as_token else x  # [B, T, S, D]
+        x = torch.cat([action, x], dim=2) if self.config.action_as_token else x + action
+        return x + self.position
 
     def _pointer_mixture(self, mix: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor,
                          neighbours: torch.Tensor) -> torch.Tensor:

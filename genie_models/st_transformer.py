@@ -199,6 +199,16 @@ class TemporalAttention(nn.Module):
                 cache.write(self.layer, k, v, frames.positions)
         return self.out(rearrange(out, "b s h t e -> b t s (h e)"))
 
+    def write_cache(self, x: torch.Tensor, frames: FramePositions, cache: CacheView) -> None:
+        """Only store x's keys/values [B, T, S, D] (no queries, no attention): what a block whose output
+        nobody reads still owes the cache."""
+        d_model = x.shape[-1]
+        k, v = rearrange(F.linear(x, self.qkv.weight[d_model:]), "b t s (two h e) -> two b s h t e",
+                         two=2, h=self.num_heads)
+        k = rearrange(rotary(rearrange(k, "b s h t e -> b t s h e"), frames.cos, frames.sin),
+                      "b t s h e -> b s h t e")
+        cache.write(self.layer, k, v, frames.positions)
+
     def _attend_clip(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:  # plain causal on 4-D inputs lets SDPA pick its fused kernels
             batch = q.shape[0]
@@ -212,13 +222,16 @@ class TemporalAttention(nn.Module):
         only the small score tensors are joined, which keeps each MaskGIT pass at one frame's cost."""
         past_keys, past_values = cache.past(self.layer)  # [B, S, H, capacity, E]
         scale = q.shape[-1] ** -0.5
-        past_scores = torch.einsum("bshte,bshce->bshtc", q, past_keys.to(q.dtype))
-        new_scores = torch.einsum("bshte,bshue->bshtu", q, k)
+        past_scores = q @ past_keys.to(q.dtype).transpose(-1, -2)  # [B, S, H, T, capacity]
+        new_scores = q @ k.transpose(-1, -2)  # [B, S, H, T, T]
         scores = torch.cat([past_scores, new_scores], dim=-1) * scale
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         capacity = past_keys.shape[3]
-        return (torch.einsum("bshtc,bshce->bshte", weights[..., :capacity], past_values.to(v.dtype))
-                + torch.einsum("bshtu,bshue->bshte", weights[..., capacity:], v))
+        # The past's weighted sum as a broadcast product summed over frames, not a matmul: per (position, head)
+        # it is a [T, capacity] x [capacity, E] product, which batched matmul runs ~3x slower on a CPU.
+        past = (weights[..., :capacity, None] * past_values.to(v.dtype)[:, :, :, None]).sum(-2)
+        new = weights[..., capacity:] * v if q.shape[3] == 1 else weights[..., capacity:] @ v  # one frame: itself
+        return past + new
 
 
 class STBlock(nn.Module):
@@ -238,6 +251,11 @@ class STBlock(nn.Module):
             x = x + self.temporal(self.temporal_norm(x), frames, cache)
         return x + self.mlp(self.mlp_norm(x))
 
+    def write_cache(self, x: torch.Tensor, frames: FramePositions, cache: CacheView) -> None:
+        """The part of forward that the cache needs (spatial attention, then temporal keys/values)."""
+        x = x + self.spatial(self.spatial_norm(x))
+        self.temporal.write_cache(self.temporal_norm(x), frames, cache)
+
 
 class STTransformer(nn.Module):
     """A stack of ST blocks over x [B, T, S, D]; with a cache view, x holds only the new frames."""
@@ -250,6 +268,17 @@ class STTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CacheView | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, cache, positions, outputs=True)
+
+    def write_cache(self, x: torch.Tensor, cache: CacheView, positions: torch.Tensor | None = None) -> None:
+        """Append frames x [B, T, S, D] to a committing cache without computing outputs: the last block only
+        computes its temporal keys/values (~12% of a 4-layer pass saved when a step writes its frame)."""
+        if not (self.config.is_temporal and cache.commit):
+            raise ValueError("write_cache needs a temporal model and a committing cache view")
+        self._run(x, cache, positions, outputs=False)
+
+    def _run(self, x: torch.Tensor, cache: CacheView | None, positions: torch.Tensor | None,
+             outputs: bool) -> torch.Tensor | None:
         if not self.config.is_temporal:  # frames are independent: no positions, masks or cache
             for block in self.blocks:
                 x = block(x, None, None)
@@ -259,8 +288,14 @@ class STTransformer(nn.Module):
             positions = (cache.query_positions(frames) if cache is not None
                          else torch.arange(frames, device=x.device).expand(batch, frames))
         frame_positions = self._frame_positions(positions, cache)
-        for block in self.blocks:
+        *blocks, last = self.blocks
+        for block in blocks:
             x = block(x, frame_positions, cache)
+        if not outputs:
+            last.write_cache(x, frame_positions, cache)
+            cache.finish(positions)
+            return None
+        x = last(x, frame_positions, cache)
         if cache is not None:
             cache.finish(positions)
         return self.norm(x)

@@ -38,6 +38,20 @@ def test_cached_stepping_equals_full_recomputation_past_the_window(transformer):
     torch.testing.assert_close(torch.cat(stepped, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_writing_frames_without_outputs_fills_the_cache_as_a_full_pass_does(transformer):
+    x = torch.randn(2, 6, 5, 32)
+    full, written = (transformer.new_cache(num_slots=2, tokens_per_frame=5) for _ in range(2))
+    slots = torch.tensor([1, 0])
+    for t in range(6):  # one frame at a time (a step), then past the ring's capacity
+        transformer(x[:, t:t + 1], cache=full.view(slots, commit=True))
+        transformer.write_cache(x[:, t:t + 1], written.view(slots, commit=True))
+    torch.testing.assert_close(written.keys, full.keys)
+    torch.testing.assert_close(written.values, full.values)
+    assert torch.equal(written.positions, full.positions) and torch.equal(written.next_position, full.next_position)
+    with pytest.raises(ValueError, match="committing"):
+        transformer.write_cache(x[:, :1], written.view(slots))
+
+
 def test_a_non_committing_pass_leaves_the_cache_unchanged(transformer):
     x = torch.randn(1, 3, 5, 32)
     cache = transformer.new_cache(num_slots=1, tokens_per_frame=5)
