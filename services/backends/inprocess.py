@@ -1,12 +1,12 @@
 """The `inprocess` model backend: torch models in the gateway's own process (the embedded default).
 
 Each model (a fixed one, or a published version loaded from the catalog at run time) gets a DynamicsEngine
-and a FrameDecoder with one cache slot per world, behind one lock.
+and a FrameDecoder with one cache slot per world. All torch work runs on one compute thread (why:
+services/compute_thread.py), which also serializes the models' use.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import torch
 from genie_models.stepping import DynamicsEngine, FrameDecoder, StepRequest
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo, ModelUnavailable, StepResult, WorldsNotCached, WorldStep
+from services.compute_thread import ComputeThread
 from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion
@@ -39,7 +40,6 @@ class LoadedModel:
     world: WorldModel
     dynamics: DynamicsEngine
     decoder: FrameDecoder
-    lock: threading.Lock
 
 
 def _load(name: str, directory: Path, max_worlds: int, device: str) -> LoadedModel:
@@ -49,8 +49,7 @@ def _load(name: str, directory: Path, max_worlds: int, device: str) -> LoadedMod
     # an evicted world is rebuilt from its history by the gateway (WorldsNotCached).
     return LoadedModel(info, world,
                        DynamicsEngine(world.dynamics, max_worlds, device, evict_when_full=True),
-                       FrameDecoder(world.tokenizer, max_worlds, device, evict_when_full=True),
-                       threading.Lock())
+                       FrameDecoder(world.tokenizer, max_worlds, device, evict_when_full=True))
 
 
 class InProcessBackend:
@@ -60,7 +59,8 @@ class InProcessBackend:
         """metrics: unused here (this backend has no replicas to report)."""
         self.device = torch.device(settings.device)
         self.max_worlds = settings.max_worlds
-        self._models = {name: _load(name, Path(directory), settings.max_worlds, settings.device)
+        self._compute = ComputeThread()
+        self._models = {name: self._compute.run(_load, name, Path(directory), settings.max_worlds, settings.device)
                         for name, directory in settings.models.items()}
         self._fixed = list(self._models)
 
@@ -70,8 +70,9 @@ class InProcessBackend:
     def load_version(self, model: ModelVersion, catalog: ModelCatalog) -> ModelInfo:
         loaded = self._models.get(model.ref)
         if loaded is None:
-            _, directory = catalog.load(model.ref)  # downloads once, verifies every sha256
-            loaded = self._models.setdefault(model.ref, _load(model.ref, directory, self.max_worlds, str(self.device)))
+            _, directory = catalog.load(model.ref)  # downloads once, verifies every sha256 (not on the compute thread)
+            built = self._compute.run(_load, model.ref, directory, self.max_worlds, str(self.device))
+            loaded = self._models.setdefault(model.ref, built)
         return loaded.info
 
     def unload_version(self, key: str) -> None:
@@ -90,23 +91,27 @@ class InProcessBackend:
     def infer_actions(self, model: str, frames: np.ndarray) -> np.ndarray:
         return self._on_frames(model, frames, lambda world, clip: world.lam.infer_actions(clip))
 
-    @torch.no_grad()
     def _on_frames(self, model: str, frames: np.ndarray,
                    run: Callable[[WorldModel, torch.Tensor], torch.Tensor]) -> np.ndarray:
-        """Run a model on frames [T, H, W, 3] as one clip, under the model's lock."""
+        """Run a model on frames [T, H, W, 3] as one clip."""
         loaded = self._get(model)
-        with loaded.lock:
+
+        @torch.no_grad()
+        def on_clip() -> np.ndarray:
             clip = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)[None]
             return run(loaded.world, clip)[0].cpu().numpy()
+        return self._compute.run(on_clip)
 
     def start_world(self, model: str, world_id: str, tokens: np.ndarray, actions: np.ndarray,
                     first_position: int = 0) -> np.ndarray:
         loaded = self._get(model)
-        token_tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
-        action_tensor = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.device)
-        with loaded.lock:
+
+        def start() -> np.ndarray:
+            token_tensor = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+            action_tensor = torch.as_tensor(np.asarray(actions), dtype=torch.long, device=self.device)
             loaded.dynamics.start(world_id, token_tensor.flatten(1), action_tensor, first_position)
             return loaded.decoder.start(world_id, token_tensor, first_position).cpu().numpy()
+        return self._compute.run(start)
 
     def step_worlds(self, model: str, steps: Sequence[WorldStep]) -> list[StepResult]:
         loaded = self._get(model)
@@ -114,21 +119,25 @@ class InProcessBackend:
         requests = [StepRequest(step.world_id, step.action, step.seed, step.step_index,
                                 step.num_maskgit_steps, step.temperature) for step in steps]
         grid = loaded.info.grid_size
-        with loaded.lock:
+
+        def step() -> tuple[np.ndarray, np.ndarray]:
             # Check both caches before touching either, so a failed batch advances no world.
             missing = [i for i in ids if i not in loaded.dynamics.sessions or i not in loaded.decoder.sessions]
             if missing:
                 raise WorldsNotCached(missing)
             tokens = loaded.dynamics.step(requests).reshape(len(steps), grid, grid)
-            frames = loaded.decoder.decode(ids, tokens).cpu().numpy()
-        tokens_out = tokens.cpu().numpy()
+            return tokens.cpu().numpy(), loaded.decoder.decode(ids, tokens).cpu().numpy()
+        tokens_out, frames = self._compute.run(step)
         return [StepResult(tokens=tokens_out[i], frame=frames[i]) for i in range(len(steps))]
 
     def end_world(self, model: str, world_id: str) -> None:
         loaded = self._get(model)
-        with loaded.lock:
+
+        def end() -> None:
             loaded.dynamics.end(world_id)
             loaded.decoder.end(world_id)
+        self._compute.run(end)
 
     def close(self) -> None:
         self._models.clear()
+        self._compute.close()

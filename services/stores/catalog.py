@@ -122,7 +122,7 @@ class ModelCatalog:
         if (local / MANIFEST_NAME).is_file():
             load_checkpoint(local, verify=True)  # versions are immutable; verify the cached copy anyway
             return model, local
-        return model, get_checkpoint(self.store, model.prefix, local)
+        return model, get_checkpoint(self.store, model.prefix, local, immutable=True)
 
     def delete(self, ref: str) -> ModelVersion:
         """Delete one version; if it was the latest, `latest` moves to the newest remaining one first."""

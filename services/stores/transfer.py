@@ -56,9 +56,12 @@ def put_checkpoint(store: ObjectStore, directory: Path, prefix: str) -> list[str
     return [f"{prefix}/{name}" for name in sorted(manifest["files"])] + [f"{prefix}/{MANIFEST_NAME}"]
 
 
-def get_checkpoint(store: ObjectStore, prefix: str, directory: Path) -> Path:
+def get_checkpoint(store: ObjectStore, prefix: str, directory: Path, immutable: bool = False) -> Path:
     """Download a checkpoint and verify every file's sha256 before it appears at directory.
 
+    immutable: the checkpoint never changes (a published version), so a complete copy that another process
+    put at directory meanwhile is kept, not replaced under a reader that has it open (seen: a model service
+    verifying the cached copy while a second service, started at the same time, swapped in its own download).
     Raises CheckpointError naming the file on a checksum or size mismatch, ObjectNotFound if a file is gone.
     """
     staging = _staging(Path(directory))
@@ -71,7 +74,10 @@ def get_checkpoint(store: ObjectStore, prefix: str, directory: Path) -> Path:
             load_checkpoint(staging, verify=True)
         except CheckpointError as error:
             raise CheckpointError(f"{prefix} in the {store.description} is refused: {error}") from None
-        _replace_directory(staging, Path(directory))
+        if immutable and (Path(directory) / MANIFEST_NAME).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            _replace_directory(staging, Path(directory))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

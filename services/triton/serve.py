@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from pytriton.triton import Triton, TritonConfig
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo
 from services.backends.inprocess import model_info
+from services.compute_thread import ComputeThread
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
 from services.triton.cli import ServiceSettings, parse_args
@@ -69,12 +71,16 @@ def build_bindings(kind: str, model: WorldModel, settings: ServiceSettings) -> l
     raise ValueError(f"unknown service kind {kind!r}; kinds are {', '.join(protocol.SERVICE_KINDS)}")
 
 
-def world_bindings(kind: str, model: WorldModel, settings: ServiceSettings, name: str) -> list[Binding]:
-    """Every Triton model of this service for one loaded world (name: what its `info` answer calls it)."""
-    return [info_binding(model_info(model, name), kind), *build_bindings(kind, model, settings)]
+def world_bindings(kind: str, model: WorldModel, settings: ServiceSettings, name: str,
+                   compute: ComputeThread) -> list[Binding]:
+    """Every Triton model of this service for one loaded world (name: what its `info` answer calls it), each
+    answered on the compute thread (PyTriton calls each model's function from a thread of its own)."""
+    bindings = compute.run(build_bindings, kind, model, settings)  # allocates the caches: torch work too
+    return [replace(binding, infer=compute.wrap(binding.infer))
+            for binding in [info_binding(model_info(model, name), kind), *bindings]]
 
 
-def catalog_bindings(kind: str, settings: ServiceSettings) -> Callable[[int], list[Binding]]:
+def catalog_bindings(kind: str, settings: ServiceSettings, compute: ComputeThread) -> Callable[[int], list[Binding]]:
     """version -> its bindings, fetched (and sha256-checked) from the catalog of GENIE_STORE_*."""
     from services.settings import StoreSettings
     from services.stores import open_store
@@ -84,8 +90,9 @@ def catalog_bindings(kind: str, settings: ServiceSettings) -> Callable[[int], li
     catalog = ModelCatalog(open_store(store_settings), Path(store_settings.cache_dir))
 
     def load(version: int) -> list[Binding]:
-        model, directory = catalog.load(f"{settings.model_name}@{version}")
-        return world_bindings(kind, WorldModel.load(directory, device=settings.device), settings, model.ref)
+        model, directory = catalog.load(f"{settings.model_name}@{version}")  # the download stays off it
+        world = compute.run(WorldModel.load, directory, device=settings.device)
+        return world_bindings(kind, world, settings, model.ref, compute)
 
     return load
 
@@ -224,10 +231,11 @@ def serve(kind: str, settings: ServiceSettings) -> None:
     log_http_endpoint(settings)
     wait_for_free_ports(settings)
     controls = ControlQueue()
+    compute = ComputeThread()
     if settings.checkpoint is not None:
-        model = WorldModel.load(settings.checkpoint, device=settings.device)
+        model = compute.run(WorldModel.load, settings.checkpoint, device=settings.device)
     else:  # --catalog: only the control model to start with; versions are bound when a gateway asks
-        load_version = catalog_bindings(kind, settings)
+        load_version = catalog_bindings(kind, settings, compute)
     # PyTriton refuses an existing workspace dir; a private parent keeps concurrent processes apart.
     parent = Path(tempfile.mkdtemp(prefix=f"genie-{kind}-", dir=settings.workspace_root))
     if len(str(parent)) > MAX_WORKSPACE_CHARS:
@@ -240,7 +248,7 @@ def serve(kind: str, settings: ServiceSettings) -> None:
         with Triton(config=triton_config(settings), workspace=parent / "ws") as triton:
             host = (VersionHost(kind, triton, load_version, settings.hold_lease_s) if settings.checkpoint is None
                     else None)
-            bindings = (world_bindings(kind, model, settings, settings.model_name) if host is None
+            bindings = (world_bindings(kind, model, settings, settings.model_name, compute) if host is None
                         else [control_binding(controls, host)])
             for binding in bindings:
                 triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,

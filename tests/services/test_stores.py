@@ -12,6 +12,7 @@ from services.settings import StoreSettings
 from services.stores import ObjectNotFound, StoreAccessDenied, StoreUnavailable, open_store
 from services.stores.catalog import ModelCatalog, UnknownModel
 from services.stores.runs import RunSync
+from services.stores.transfer import get_checkpoint
 from tests.services.jobs_servers import s3_server  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.integration]
@@ -89,6 +90,18 @@ def test_corrupted_object_is_refused_on_load_by_checksum(store, tmp_path):
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         catalog.load("m@1")
     assert not (tmp_path / "cache" / "m" / "1").exists()
+
+
+def test_a_finished_download_never_swaps_a_version_out_from_under_its_readers(store, tmp_path):
+    catalog = ModelCatalog(store, tmp_path / "cache")
+    catalog.publish("m", checkpoint(tmp_path / "w1", seed=1))
+    _, local = catalog.load("m@1")
+    in_use = local.stat().st_ino  # what a process reading the cached copy has open
+    # A second process's download of the same version, finishing after the first: kept out of the way.
+    get_checkpoint(store, "models/m/1", local, immutable=True)
+    assert local.stat().st_ino == in_use and not list(local.parent.glob(".1.*"))
+    get_checkpoint(store, "models/m/1", local)  # a mutable checkpoint (a run's) is replaced
+    assert local.stat().st_ino != in_use
 
 
 def test_deleting_the_latest_version_moves_latest_back(store, tmp_path):
