@@ -140,7 +140,7 @@ def world_versions(preset: str, count: int, tmp: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def catalog_gateway(backend: str, name: str, environment: dict[str, str], tmp: Path,
-                    poll_s: float) -> Iterator[tuple[int, list[Path]]]:
+                    poll_s: float) -> Iterator[tuple[int, dict[str, Path]]]:
     """`genie serve gateway` serving name from the catalog, as deployed; yields its port and the logs that tell the
     timeline of a new version (the gateway's; with triton also the three services', which download and load)."""
     log = tmp / f"gateway-{name}.log"
@@ -148,21 +148,21 @@ def catalog_gateway(backend: str, name: str, environment: dict[str, str], tmp: P
     if backend == "inprocess":
         settings |= {"GENIE_GATEWAY_BACKEND": "inprocess", "GENIE_GATEWAY_CATALOG_MODELS": json.dumps([name])}
         with gateway_process(settings, log) as (port, _):
-            yield port, [log]
+            yield port, {"gateway": log}
         return
     with running_stack(None, name, environment=environment) as stack, \
             gateway_process(stack.gateway_environment() | settings, log, torch_free=True) as (port, _):
-        yield port, [log, *(service.log_path for service in stack.services.values())]
+        yield port, {"gateway": log} | {kind: service.log_path for kind, service in stack.services.items()}
 
 
 # Searched for, not matched at the line's start: tritonserver writes to the same file, so a line of ours may follow
 # a part line of its own (the likely reason one run's timeline lacked a service's "fetched" line).
-TEXT_LINE = re.compile(r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: (?P<message>.*)$")
+TEXT_LINE = re.compile(r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<level>\S+) \S+: (?P<message>.*)$")
 
 
-def log_events(path: Path, offset: int) -> list[tuple[float, dict]]:
+def log_events(path: Path, offset: int, source: str) -> list[tuple[float, dict]]:
     """(time, entry) of each log line written after offset: the gateway's JSON lines (UTC) and the Triton services'
-    text lines ("2026-11-28 16:45:01,123 INFO genie.triton: message", local time)."""
+    text lines ("2026-11-28 16:45:01,123 INFO genie.triton: message", local time); each entry names its source."""
     with path.open("rb") as file:
         file.seek(offset)
         lines = file.read().decode(errors="replace").splitlines()
@@ -172,10 +172,11 @@ def log_events(path: Path, offset: int) -> list[tuple[float, dict]]:
             if line.startswith("{"):
                 entry = json.loads(line)
                 moment = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-                events.append((moment.timestamp(), entry))
+                events.append((moment.timestamp(), entry | {"source": source}))
             elif match := TEXT_LINE.search(line):
                 moment = datetime.strptime(match["ts"], "%Y-%m-%d %H:%M:%S,%f")
-                events.append((moment.timestamp(), {"message": match["message"]}))
+                events.append((moment.timestamp(), {"message": match["message"], "level": match["level"],
+                                                     "source": source}))
     return events
 
 
@@ -185,14 +186,19 @@ def phases(events: list[tuple[float, dict]], ref: str, published: float, client:
     def first(message: str) -> float:
         return min(when for when, entry in events if entry["message"] == message and entry.get("model") == ref)
 
-    def matching(pattern: str) -> list[tuple[float, re.Match]]:
-        return [(when, match) for when, entry in events if (match := re.fullmatch(pattern, entry["message"]))]
+    def matching(pattern: str) -> list[tuple[float, str, re.Match]]:
+        return [(when, entry["source"], match) for when, entry in sorted(events, key=lambda event: event[0])
+                if (match := re.fullmatch(pattern, entry["message"]))]
 
-    fetches = matching(rf"fetched {re.escape(ref)} \((?:download|cached) \+ sha256\) in ([\d.]+) s")
+    fetches = matching(rf"fetched {re.escape(ref)} \((download|cached) \+ sha256\) in ([\d.]+) s")
     version = ref.rpartition("@")[2]
-    bound = {match[1]: when - published for when, match in matching(rf"(\w+) service loaded version {version}")}
+    bound = {match[1]: when - published for when, _, match in matching(rf"(\w+) service loaded version {version}")}
     noticed, loaded = first("a new version is published; loading it"), first("model version loaded")
-    switched, fetched = first("new worlds get the new version"), max(when for when, _ in fetches)
+    # A source's first fetch ends its fetch phase; a later one is a retried load (reported, not timed as fetch).
+    first_fetch = {source: when for when, source, _ in reversed(fetches)}
+    switched, fetched = first("new worlds get the new version"), max(first_fetch.values())
+    problems = [f"{entry['source']}: {entry['message']}"[:300] for _, entry in events
+                if entry.get("level") in ("WARNING", "ERROR", "CRITICAL")]
     # The first five phases add up to total_s; client_lag_s, create_world_s and first_step_s to first_world_s.
     times = {"total_s": client["served"] - published, "poll_wait_s": noticed - published,
              "fetch_s": fetched - noticed, "model_load_s": loaded - fetched, "switch_s": switched - loaded,
@@ -200,9 +206,9 @@ def phases(events: list[tuple[float, dict]], ref: str, published: float, client:
              "create_world_s": client["created"] - client["create_started"],
              "first_step_s": client["served"] - client["created"]}
     return {key: round(value, 3) for key, value in times.items()} | {
-        "download_verify_s": [float(match[1]) for _, match in fetches],
+        "fetches": [f"{source}: {match[1]} + sha256 {match[2]} s" for _, source, match in fetches],
         "services_loaded_at_s": {kind: round(at, 3) for kind, at in sorted(bound.items())},
-        "list_models_polls": client["polls"]}
+        "list_models_polls": client["polls"], "warnings": problems[:10]}
 
 
 def first_world_on(stub, name: str, version: int, timeout_s: float = 900) -> tuple[str, dict[str, float]]:
@@ -244,12 +250,12 @@ def wait_loaded(stub, name: str, versions: list[int], timeout_s: float = 600) ->
     raise RuntimeError(f"{name}: versions {versions} not (only) loaded within {timeout_s} s")
 
 
-def publish_to_served(catalog: ModelCatalog, stub, name: str, checkpoint: Path, logs: list[Path]) -> dict:
+def publish_to_served(catalog: ModelCatalog, stub, name: str, checkpoint: Path, logs: dict[str, Path]) -> dict:
     """One run: a world plays the latest version; the next is published and new worlds are created until one plays
     it and has stepped. The old world steps once more after (it keeps its version), then both close."""
     playing = create_world(stub, seed=0, model=name).world
     stub.StepWorld(world_pb2.StepWorldRequest(world_id=playing.world_id, action=1), timeout=60)
-    offsets = {log: log.stat().st_size for log in logs}
+    offsets = {source: log.stat().st_size for source, log in logs.items()}
     load_average = os.getloadavg()[0]  # the machine is shared: how busy it was as the run started
     model = catalog.publish(name, checkpoint)
     published = time.time()  # `latest` names the new version from here on
@@ -259,7 +265,7 @@ def publish_to_served(catalog: ModelCatalog, stub, name: str, checkpoint: Path, 
     assert old_version == playing.model_version, f"the open world moved from its version to {old_version}"
     for world in (playing.world_id, world_id):
         stub.CloseWorld(world_pb2.CloseWorldRequest(world_id=world))
-    events = [event for log in logs for event in log_events(log, offsets[log])]
+    events = [event for source, log in logs.items() for event in log_events(log, offsets[source], source)]
     timeline = phases(events, model.ref, published, client)
     return {"version": model.version, "load_average_1m": round(load_average, 2)} | timeline
 
