@@ -169,6 +169,8 @@ class ModelVersions:
         model = self.catalog.resolve(name)  # the pointer, checked against the complete versions
         if model.version == current:
             return
+        # When the poll saw the version: the start of its load (how long that takes is read from these lines).
+        log.info("a new version is published; loading it", extra={"model": model.ref, "previous": current})
         self._load(model)
         with self._lock:
             self._latest[name] = model.version

@@ -9,10 +9,7 @@ is unloaded (gateway listing and metric, and the backend itself: the in-process 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,17 +26,14 @@ from tritonclient.utils import InferenceServerException
 from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
 from services.gateway.server import GatewayRuntime
-from services.settings import StoreSettings
-from services.stores import open_store
 from services.stores.catalog import ModelCatalog
 from services.triton import protocol
 from tests.services.conftest import gateway_settings, tiny_world_model
 from services.triton.client import ServiceClient
-from services.triton.stack import ServicePorts, ServiceStack, TritonService
-from tests.services.helpers import (MAX_WORLDS, MODEL_NAME, create_request, free_port, open_channel, pixels_of,
-                                   png_prompt, wait_serving)
+from services.triton.stack import ServicePorts, TritonService
+from tests.services.catalog_harness import create_world as create, gateway_process, open_catalog, store_settings
+from tests.services.helpers import MODEL_NAME, open_channel, pixels_of
 from tests.services import jobs_servers
-from tests.services.jobs_servers import S3Server
 from tests.services.triton_stack import options_for_tests, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,17 +42,6 @@ s3_server = jobs_servers.s3_server  # the suite's SeaweedFS fixture, used here
 WORLDS = 8
 ACTIONS = [1, 3, 0, 2, 1, 3]  # steps before the publish: the first half; after it: the second
 POLL_S = 0.5
-# The `genie` command with torch made unimportable (an import of it raises ImportError).
-WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from genie_models.cli import main; main(sys.argv[1:])"
-
-
-def store_settings(server: S3Server, bucket: str, cache_dir: Path) -> dict[str, str]:
-    return server.env(bucket=bucket, GENIE_STORE_CACHE_DIR=str(cache_dir), GENIE_STORE_RETRY_S="5")
-
-
-def open_catalog(environment: dict[str, str]) -> ModelCatalog:
-    settings = StoreSettings(**{key.removeprefix("GENIE_STORE_").lower(): value for key, value in environment.items()})
-    return ModelCatalog(open_store(settings), Path(settings.cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +58,6 @@ def checkpoints(tmp_path_factory) -> dict[int, Path]:
 def catalog_environment(s3_server, tmp_path) -> dict[str, str]:
     """A fresh bucket per test, so each starts with nothing published."""
     return store_settings(s3_server, "versions-" + secrets.token_hex(4), tmp_path / "model-cache")
-
-
-def create(stub, seed: int, model: str = MODEL_NAME) -> pb.CreateWorldResponse:
-    return stub.CreateWorld(create_request(seed=seed, prompt=png_prompt(seed=seed), model=model), timeout=60)
 
 
 def step(stub, world_id: str, action: int) -> np.ndarray:
@@ -202,29 +181,6 @@ def test_inprocess_gateway_serves_a_new_version_while_old_worlds_keep_theirs(che
                                   lambda version: f"{MODEL_NAME}@{version}" in runtime.backend._models)
 
 
-@contextlib.contextmanager
-def torch_free_gateway(stack: ServiceStack, store_environment: dict[str, str], log: Path) -> Iterator[tuple[int, int]]:
-    """`genie serve gateway` with the triton backend in its own process, where `import torch` fails (issue 10):
-    any torch import on its paths (start-up, prompts, versions, steps) would fail the scenario."""
-    port, metrics_port = free_port(), free_port()
-    environment = os.environ | stack.gateway_environment() | store_environment | {
-        "GENIE_GATEWAY_HOST": "127.0.0.1", "GENIE_GATEWAY_AUTH": "none", "GENIE_GATEWAY_CATALOG_POLL_S": str(POLL_S),
-        "GENIE_GATEWAY_MAX_WORLDS": str(MAX_WORLDS), "GENIE_GATEWAY_BATCH_WINDOW_MS": "5",
-        "GENIE_GATEWAY_TRITON_HOLD_RENEW_S": "1"}
-    process = subprocess.Popen([sys.executable, "-c", WITHOUT_TORCH, "serve", "gateway", "--port", str(port),
-                                "--metrics-port", str(metrics_port)], env=environment,
-                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-    try:
-        # The gateway serves once the latest version is bound in every service: minutes on a loaded machine.
-        wait_serving(port, timeout_s=protocol.CONTROL_TIMEOUT_S,
-                     describe=lambda: log.read_text(errors="replace")[-3000:])
-        yield port, metrics_port
-    finally:
-        process.terminate()
-        process.wait(30)
-    assert "import of torch halted" not in log.read_text(errors="replace")
-
-
 def ready_in_triton(service: TritonService, version: int) -> list[bool]:
     """Whether each of the version's models is ready in one service, as Triton itself reports."""
     ready = []
@@ -249,11 +205,17 @@ def test_triton_gateway_serves_a_new_version_while_old_worlds_keep_theirs(checkp
             assert all(ready) or not any(ready), f"version {version} half loaded: {ready}"
             return all(ready)
 
-        with torch_free_gateway(stack, catalog_environment, tmp_path / "gateway.log") as (port, metrics_port):
+        # `genie serve gateway` with the triton backend in its own process, where `import torch` fails (issue 10):
+        # any torch import on its paths (start-up, prompts, versions, steps) would fail the scenario.
+        log = tmp_path / "gateway.log"
+        environment = stack.gateway_environment() | catalog_environment | {
+            "GENIE_GATEWAY_CATALOG_POLL_S": str(POLL_S), "GENIE_GATEWAY_TRITON_HOLD_RENEW_S": "1"}
+        with gateway_process(environment, log, torch_free=True) as (port, metrics_port):
             # Binding a version's models in three Triton services takes ~10 s on a 2-core machine (measured 9.9 s)
             # but took ~40 s per bind with another process holding the cores: the bound is generous and the
             # time is printed (pytest -s), so the suite checks the behaviour without failing on a busy machine.
             publish_while_worlds_play(port, metrics_port, catalog, checkpoints, served_by_triton, pickup_bound_s=180)
+        assert "import of torch halted" not in log.read_text(errors="replace")
         lapsed = [kind for kind, service in stack.services.items() if "lapsed" in service.log_tail(10_000)]
         assert not lapsed, f"a live gateway's hold lapsed in the {lapsed} service(s)"
 
