@@ -203,11 +203,10 @@ class TemporalAttention(nn.Module):
         """Only store x's keys/values [B, T, S, D] (no queries, no attention): what a block whose output
         nobody reads still owes the cache."""
         d_model = x.shape[-1]
-        k, v = rearrange(F.linear(x, self.qkv.weight[d_model:]), "b t s (two h e) -> two b s h t e",
+        k, v = rearrange(F.linear(x, self.qkv.weight[d_model:]), "b t s (two h e) -> two b t s h e",
                          two=2, h=self.num_heads)
-        k = rearrange(rotary(rearrange(k, "b s h t e -> b t s h e"), frames.cos, frames.sin),
-                      "b t s h e -> b s h t e")
-        cache.write(self.layer, k, v, frames.positions)
+        k = rotary(k, frames.cos, frames.sin)
+        cache.write(self.layer, *(rearrange(y, "b t s h e -> b s h t e") for y in (k, v)), frames.positions)
 
     def _attend_clip(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:  # plain causal on 4-D inputs lets SDPA pick its fused kernels
@@ -230,8 +229,7 @@ class TemporalAttention(nn.Module):
         # The past's weighted sum as a broadcast product summed over frames, not a matmul: per (position, head)
         # it is a [T, capacity] x [capacity, E] product, which batched matmul runs ~3x slower on a CPU.
         past = (weights[..., :capacity, None] * past_values.to(v.dtype)[:, :, :, None]).sum(-2)
-        new = weights[..., capacity:] * v if q.shape[3] == 1 else weights[..., capacity:] @ v  # one frame: itself
-        return past + new
+        return past + weights[..., capacity:] @ v
 
 
 class STBlock(nn.Module):

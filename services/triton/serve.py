@@ -32,7 +32,7 @@ from services.compute_thread import ComputeThread
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
 from services.triton.cli import ServiceSettings, parse_args
-from services.triton.versions import ControlQueue, VersionHost, control_binding
+from services.triton.versions import ControlQueue, VersionHost, bind, control_binding
 
 logger = logging.getLogger("genie.triton")
 
@@ -251,8 +251,7 @@ def serve(kind: str, settings: ServiceSettings) -> None:
             bindings = (world_bindings(kind, model, settings, settings.model_name, compute) if host is None
                         else [control_binding(controls, host)])
             for binding in bindings:
-                triton.bind(model_name=binding.name, infer_func=binding.infer, inputs=binding.inputs,
-                            outputs=binding.outputs, config=binding.config, strict=True)
+                bind(triton, binding.name, binding)
             logger.info("serving %s of world %r on grpc :%d", kind, settings.model_name, settings.grpc_port)
             # Until SIGTERM/SIGINT (KeyboardInterrupt), or PyTriton finds the server or a model proxy dead. Our own
             # loop, not triton.serve(): versions are bound here, between liveness checks, because a model bound but

@@ -70,7 +70,12 @@ class VersionHost:
             named = {protocol.versioned(binding.name, version): binding for binding in self.load_bindings(version)}
             bound: list[str] = []
             try:
-                bind_all(self.triton, named, bound)
+                # One after another: bound at once, PyTriton forked each model's proxy while other binds' threads
+                # were inside gRPC, and a service aborted (epoll_wait: bad file descriptor) in 2 of 4 test runs;
+                # on 2 busy cores the parallel binds had measured no faster anyway.
+                for name, binding in named.items():
+                    bind(self.triton, name, binding)
+                    bound.append(name)
                 wait_until_ready(self.triton, bound, ready=True)
             except BaseException:  # all or nothing, so a retried load binds the same names again
                 unbind_all(self.triton, bound)
@@ -123,20 +128,10 @@ class VersionHost:
         return sorted(self.bound)
 
 
-def bind_all(triton: Triton, named: dict[str, Binding], bound: list[str]) -> None:
-    """Binds the models all at once (each bind waits for Triton to load its model and start its stub, ~3 s on a
-    loaded machine: one after another, the tokenizer's five made a new version wait ~15 s, measured), appending
-    each name to bound as it succeeds; raises the first failure once every bind has finished."""
-    def bind(name: str) -> None:
-        binding = named[name]
-        triton.bind(model_name=name, infer_func=binding.infer, inputs=binding.inputs, outputs=binding.outputs,
-                    config=binding.config, strict=True)
-        bound.append(name)
-
-    if named:
-        with ThreadPoolExecutor(len(named), thread_name_prefix="bind") as pool:
-            for future in [pool.submit(bind, name) for name in named]:
-                future.result()
+def bind(triton: Triton, name: str, binding: Binding) -> None:
+    """Serves binding as Triton model `name` (returns once Triton has loaded it and started its stub)."""
+    triton.bind(model_name=name, infer_func=binding.infer, inputs=binding.inputs, outputs=binding.outputs,
+                config=binding.config, strict=True)
 
 
 def unbind_all(triton: Triton, names: list[str]) -> None:
