@@ -56,6 +56,12 @@ class DynamicsConfig:
     # rather than through the transformer. A latent action that means "the scene scrolls up" then points
     # every position at the token one row below from the first steps of training (README: measured).
     action_pointer: bool = False
+    # With the action pointer, play only: an offset past the frame's edge reads that place from the newest of
+    # the world's last `pointer_memory` frames that showed it, each frame placed by the scroll its action's
+    # pointer bias favours most, rather than the edge (or nothing, with pointer_within_frame): a view that
+    # scrolls back shows what it left instead of repeating its edge. 0 or 1: the previous frame alone.
+    # On a demo world it lifted t = 16 above the raw copy; long play unchanged (README, "Is it a world yet?").
+    pointer_memory: int = 0
     # Sampling only: the action pointer's bias is multiplied by this (1: as trained). Like classifier-free
     # guidance it amplifies what the action says; training's cross-entropy keeps the bias hedged, while a
     # world played from it should commit to the move (README, "Is it a world yet?": measured).
@@ -93,7 +99,7 @@ DYNAMICS_PRESETS = {
     # changes as many tokens per step as real play (0.135 vs 0.133); ΔtPSNR t=4 there +1.7 at 1, +4.2 at 3.
     "tiny": DynamicsConfig(num_codes=512, d_model=128, num_heads=4, num_layers=4, context_frames=8,
                            num_maskgit_steps=4, temperature=0.0, copy_window=(2, 1), expected_code_decoding=True,
-                           action_pointer=True, action_guidance=3.0),
+                           action_pointer=True, action_guidance=3.0, pointer_memory=16),
     "coinrun": DynamicsConfig(),
 }
 
@@ -139,13 +145,14 @@ class DynamicsModel(nn.Module):
                                if pointer and config.action_pointer else None)
         if self.action_pointer is not None:
             nn.init.zeros_(self.action_pointer.weight)
-        # Which position each pointer offset reads from, and whether it lies inside the frame, fixed by the
-        # config: built once, not per MaskGIT pass.
-        index, inside = (_neighbour_index(math.isqrt(config.tokens_per_frame), self.copy_offsets) if pointer
-                         else (None, None))
-        self.register_buffer("neighbour_index", index, persistent=False)
-        self.register_buffer("neighbour_inside", inside if pointer and config.pointer_within_frame else None,
-                             persistent=False)
+        if config.pointer_memory > 1 and self.action_pointer is None:
+            raise ValueError("pointer_memory needs the action pointer: each remembered frame is placed by the "
+                             "scroll its action's pointer bias favours")
+        # The pointer reads the previous frame padded by its reach (rows, columns) on every side: which cell each
+        # offset of each position reads, and each padded cell's place, fixed by the config: built once.
+        grid = _PointerGrid.build(math.isqrt(config.tokens_per_frame), config.copy_window, self.copy_offsets or [])
+        for name, tensor in vars(grid).items():
+            self.register_buffer(f"pointer_{name}", tensor if pointer else None, persistent=False)
         if self.copy_head is not None:
             # Starts near "copy the same position" (~1/2), "generate" (~1/5), each neighbour ~1/40.
             nn.init.zeros_(self.copy_head.weight)
@@ -155,16 +162,20 @@ class DynamicsModel(nn.Module):
                 self.copy_head.bias[-1] = 2.0
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
-                previous_tokens: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+                previous_tokens: torch.Tensor | None = None, guidance: float = 1.0,
+                pointer_sources: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T, S] (mask_id where unknown), actions [B, T] leading into each frame -> logits [B, T, S, V].
 
         previous_tokens [B, T, S]: each frame's predecessor's tokens for the copy bonus (mask_id: none);
         by default the input's own previous frames, and none for the first. guidance: the action
-        pointer's scale (see DynamicsConfig.action_guidance).
+        pointer's scale (see DynamicsConfig.action_guidance). pointer_sources [B, T, P]: what the pointer
+        reads (see pointer_sources; by default the previous frames without memory).
         """
         if previous_tokens is None:
             previous_tokens = self._predecessors(tokens)
-        return self._output(self._hidden(tokens, actions, cache), previous_tokens, self._neighbours(previous_tokens),
+        if pointer_sources is None:
+            pointer_sources = self._previous_sources(previous_tokens)
+        return self._output(self._hidden(tokens, actions, cache), previous_tokens, self._neighbours(pointer_sources),
                             self._pointer_bias(actions, guidance))
 
     def _output(self, hidden: torch.Tensor, previous: torch.Tensor, neighbours: torch.Tensor | None,
@@ -193,14 +204,54 @@ class DynamicsModel(nn.Module):
         scores = self.copy_head(hidden).float()
         return (scores if pointer_bias is None else scores + pointer_bias.float()).log_softmax(dim=-1)
 
-    def _neighbours(self, previous_tokens: torch.Tensor) -> torch.Tensor | None:
-        """previous_tokens [B, T, S] -> the pointer's candidates [B, T, S, O] (None without a pointer); mask_id
-        where an offset leaves the frame (with pointer_within_frame) or there is no previous frame."""
-        if self.neighbour_index is None:
+    def _neighbours(self, sources: torch.Tensor | None) -> torch.Tensor | None:
+        """What the pointer reads, padded frames [..., P] (see pointer_sources) -> its candidates [..., S, O]."""
+        return None if sources is None else sources[..., self.pointer_neighbour_index]
+
+    def _previous_sources(self, previous_tokens: torch.Tensor) -> torch.Tensor | None:
+        """previous_tokens [B, T, S] -> each one padded for the pointer [B, T, P], without memory."""
+        if self.copy_head is None:
             return None
-        neighbours = previous_tokens[..., self.neighbour_index]
-        return neighbours if self.neighbour_inside is None else neighbours.masked_fill(~self.neighbour_inside,
-                                                                                        self.config.mask_id)
+        return self.pointer_sources(previous_tokens.flatten(0, 1)[:, None]).unflatten(0, previous_tokens.shape[:2])
+
+    def pointer_sources(self, frames: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """What the pointer reads around the newest of frames [B, K, S] (oldest first; mask_id frames: none yet):
+        that frame padded by the pointer's reach [B, P] (None without a pointer). Past its edges, with K > 1
+        and actions [B, K] that led into each frame, a cell comes from the newest earlier frame that showed it;
+        otherwise it repeats the edge, or is mask_id (nothing) with pointer_within_frame."""
+        if self.copy_head is None:
+            return None
+        newest = frames[:, -1]
+        sources = newest[:, self.pointer_edge_index]
+        if self.config.pointer_within_frame:
+            sources = sources.masked_fill(~self.pointer_inside, self.config.mask_id)
+        if frames.shape[1] == 1:
+            return sources
+        remembered = self._remembered(frames, actions)
+        return torch.where(self.pointer_inside | (remembered == self.config.mask_id), sources, remembered)
+
+    def _remembered(self, frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Each padded cell [B, P] from the newest of frames [B, K, S] that showed it, mask_id where none did."""
+        grid = math.isqrt(frames.shape[-1])
+        # Frame j's row q shows the newest frame's row q - (the scrolls of frames j+1..K-1): undo them.
+        scrolls = self.action_scrolls()[actions[:, 1:]]  # [B, K - 1, 2]
+        behind = torch.cat([scrolls.flip(1).cumsum(1).flip(1), torch.zeros_like(scrolls[:, :1])], dim=1)
+        where = self.pointer_cells + behind[:, :, None, :]  # [B, K, P, 2]: each cell's place in each frame
+        shown = ((where >= 0) & (where < grid)).all(-1) & (frames[:, :, :1] != self.config.mask_id)
+        place = where[..., 0].clamp(0, grid - 1) * grid + where[..., 1].clamp(0, grid - 1)
+        tokens = frames.gather(2, place)  # [B, K, P]
+        order = torch.arange(1, frames.shape[1] + 1, device=frames.device)[:, None]
+        newest_shown = (shown * order).argmax(dim=1, keepdim=True)  # [B, 1, P]
+        found = tokens.gather(1, newest_shown)[:, 0]
+        return torch.where(shown.any(dim=1), found, self.config.mask_id)
+
+    def action_scrolls(self) -> torch.Tensor:
+        """[num_actions + 1, 2]: the (row, column) offset each action's pointer bias favours, i.e. how far the
+        action scrolls the view; (0, 0) for "no action"."""
+        offsets = torch.tensor(self.copy_offsets, device=self.action_pointer.weight.device)
+        scrolls = offsets[self.action_pointer.weight[:, :-1].argmax(dim=-1)]
+        scrolls[self.config.no_action_id] = 0
+        return scrolls
 
     def _pointer_weights(self, mix: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mix [..., O + 1] (log-probabilities of each offset, the last: generate), neighbours [..., O] ->
@@ -215,20 +266,23 @@ class DynamicsModel(nn.Module):
         self.code_vectors.copy_(code_vectors.detach())
 
     def sampling_logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
-                        previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                        previous_tokens: torch.Tensor | None = None,
+                        pointer_sources: torch.Tensor | None = None) -> torch.Tensor:
         """What sampling draws from: forward's logits, or with expected_code_decoding scores that rank
         codes by closeness to the expected code vector (argmax: the nearest code); both with the action
-        pointer scaled by config.action_guidance."""
+        pointer scaled by config.action_guidance. Arguments as for forward."""
         guidance = self.config.action_guidance
         if self.code_vectors is None:
-            return self(tokens, actions, cache, previous_tokens, guidance)
+            return self(tokens, actions, cache, previous_tokens, guidance, pointer_sources)
         if previous_tokens is None:
             previous_tokens = self._predecessors(tokens)
+        if pointer_sources is None:
+            pointer_sources = self._previous_sources(previous_tokens)
         hidden = self._hidden(tokens, actions, cache)
         if self.copy_head is None:
             expected = self._output(hidden, previous_tokens, None).float().softmax(dim=-1) @ self.code_vectors
         else:
-            expected = self._expected_pointer_code(hidden, previous_tokens, self._neighbours(previous_tokens),
+            expected = self._expected_pointer_code(hidden, previous_tokens, self._neighbours(pointer_sources),
                                                    self._pointer_bias(actions, guidance))
         return code_similarity_scores(expected, self.code_vectors)
 
@@ -294,7 +348,7 @@ class DynamicsModel(nn.Module):
         no_action = torch.full((batch, 1), self.config.no_action_id, device=tokens.device, dtype=actions.dtype)
         # As at play time, a frame's predecessor is known when the frame is predicted (clean, not masked).
         previous = self._predecessors(tokens)
-        neighbours = self._neighbours(previous)
+        neighbours = self._neighbours(self._previous_sources(previous))
         actions = torch.cat([no_action, actions], dim=1)
         hidden = self._hidden(inputs, actions, None)
         bias = self._pointer_bias(actions)
@@ -321,16 +375,28 @@ def _window_offsets(rows: int, columns: int) -> list[tuple[int, int]]:
     return [(dr, dc) for dr in range(-rows, rows + 1) for dc in range(-columns, columns + 1)]
 
 
-def _neighbour_index(grid: int, offsets: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """([S, O], [S, O]): for each position of a grid*grid frame, the position at (row + dr, column + dc) for
-    every offset, clamped at the frame's edges, and whether that offset stays inside the frame unclamped."""
-    index = torch.arange(grid)
-    sources, inside = [], []
-    for dr, dc in offsets:
-        rows, cols = index + dr, index + dc
-        inside.append((((rows >= 0) & (rows < grid))[:, None] & ((cols >= 0) & (cols < grid))[None, :]).flatten())
-        sources.append((rows.clamp(0, grid - 1)[:, None] * grid + cols.clamp(0, grid - 1)[None, :]).flatten())
-    return torch.stack(sources, dim=-1), torch.stack(inside, dim=-1)
+@dataclass
+class _PointerGrid:
+    """A grid*grid frame padded by (rows, columns) on every side, the P cells the pointer can read."""
+
+    cells: torch.Tensor  # [P, 2] each padded cell's (row, column) in the frame's coordinates
+    inside: torch.Tensor  # [P] whether it lies inside the frame
+    edge_index: torch.Tensor  # [P] the frame position it repeats without memory: clamped to the edge
+    neighbour_index: torch.Tensor  # [S, O] the padded cell each offset of each position reads
+
+    @classmethod
+    def build(cls, grid: int, reach: tuple[int, int], offsets: list[tuple[int, int]]) -> "_PointerGrid":
+        rows, columns = reach
+        padded_rows = torch.arange(-rows, grid + rows)
+        padded_columns = torch.arange(-columns, grid + columns)
+        cells = torch.cartesian_prod(padded_rows, padded_columns)
+        inside = ((cells >= 0) & (cells < grid)).all(-1)
+        edge = cells.clamp(0, grid - 1)
+        width = grid + 2 * columns
+        position = torch.cartesian_prod(torch.arange(grid), torch.arange(grid))  # [S, 2]
+        shifted = position[:, None, :] + torch.tensor(offsets or [(0, 0)])[None]  # [S, O, 2]
+        neighbour_index = (shifted[..., 0] + rows) * width + shifted[..., 1] + columns
+        return cls(cells, inside, edge[:, 0] * grid + edge[:, 1], neighbour_index)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

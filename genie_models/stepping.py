@@ -103,9 +103,13 @@ class DynamicsEngine:
         self.config = model.config
         self.sessions = SessionSlots(model.transformer, self.config.frame_length, max_sessions,
                                      device, dtype, evict_when_full)
-        # Each session's newest frame tokens: the predecessor of the frame being sampled (copy bonus).
-        self.last_tokens = torch.full((max_sessions, self.config.tokens_per_frame), self.config.mask_id,
-                                      dtype=torch.long, device=self.device)
+        # Each session's newest frames (oldest first; mask_id: none yet) and the actions that led into them: the
+        # last is the predecessor of the frame being sampled (copy bonus), the rest the pointer's memory.
+        frames = max(1, self.config.pointer_memory)
+        self.recent_tokens = torch.full((max_sessions, frames, self.config.tokens_per_frame), self.config.mask_id,
+                                        dtype=torch.long, device=self.device)
+        self.recent_actions = torch.full((max_sessions, frames), self.config.no_action_id, dtype=torch.long,
+                                         device=self.device)
 
     @torch.no_grad()
     def start(self, session: Hashable, tokens: torch.Tensor, actions: torch.Tensor, first_position: int = 0) -> None:
@@ -117,7 +121,11 @@ class DynamicsEngine:
         slots = self.sessions.open(session, first_position)
         view = self.sessions.view(slots, commit=True)
         self.model.append(tokens[None].to(self.device), actions[None].to(self.device), view)
-        self.last_tokens[slots] = tokens[-1].to(self.device)
+        kept = min(len(tokens), self.recent_tokens.shape[1])
+        self.recent_tokens[slots] = self.config.mask_id
+        self.recent_tokens[slots, -kept:] = tokens[-kept:].to(self.device)
+        self.recent_actions[slots] = self.config.no_action_id
+        self.recent_actions[slots, -kept:] = actions[-kept:].to(self.device)
 
     @torch.no_grad()
     def step(self, requests: Sequence[StepRequest]) -> torch.Tensor:
@@ -137,11 +145,16 @@ class DynamicsEngine:
         uniforms = torch.stack([step_noise(r.seed, r.step_index, num_steps, self.config.tokens_per_frame)
                                 for r in requests]).to(self.device)
         view = self.sessions.view(slots)
-        previous = self.last_tokens[slots][:, None]  # [B, 1, S]
-        tokens = maskgit_sample(lambda new: self.model.sampling_logits(new[:, None], actions, view, previous)[:, 0],
-                                self.config.mask_id, num_steps, temperature, uniforms)
+        recent, recent_actions = self.recent_tokens[slots], self.recent_actions[slots]
+        previous = recent[:, -1:]  # [B, 1, S]
+        sources = self.model.pointer_sources(recent, recent_actions)
+        sources = None if sources is None else sources[:, None]
+        tokens = maskgit_sample(
+            lambda new: self.model.sampling_logits(new[:, None], actions, view, previous, sources)[:, 0],
+            self.config.mask_id, num_steps, temperature, uniforms)
         self.model.append(tokens[:, None], actions, view.committing())
-        self.last_tokens[slots] = tokens
+        self.recent_tokens[slots] = torch.cat([recent[:, 1:], tokens[:, None]], dim=1)
+        self.recent_actions[slots] = torch.cat([recent_actions[:, 1:], actions], dim=1)
         return tokens
 
     def end(self, session: Hashable) -> None:

@@ -83,10 +83,10 @@ class WorldModel:
         return self.dynamics.config.num_actions
 
     def history_frames(self) -> int:
-        """Frames of token history that fix a world's cached state (dynamics and decoder caches):
-        rebuilding the caches from this many frames restores them exactly."""
+        """Frames of token history that fix a world's cached state (dynamics and decoder caches, the pointer's
+        memory): rebuilding them from this many frames restores them exactly."""
         return max(self.dynamics.config.transformer_config().receptive_frames,
-                   self.tokenizer.config.decoder_config().receptive_frames)
+                   self.tokenizer.config.decoder_config().receptive_frames, self.dynamics.config.pointer_memory)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"tokenizer": self.tokenizer, "lam": self.lam, "dynamics": self.dynamics}

@@ -246,3 +246,91 @@ def test_the_action_pointer_learns_which_way_each_action_moves_the_scene_in_few_
     # The same model without the bias still points every position one row down whatever the action.
     without = shares_right_after_training(replace(dynamics_config, copy_window=(1, 0), action_pointer=False), 20)
     assert min(without) < 0.6, without
+
+
+def memory_model(dynamics_config, memory: int = 4, within_frame: bool = False) -> DynamicsModel:
+    """A 4x4-token model whose action pointer says: action 1 scrolls the view up a row (each position reads the
+    row above it), action 2 down a row, action 0 keeps it still."""
+    from dataclasses import replace
+    config = replace(dynamics_config, copy_window=(1, 1), action_pointer=True, pointer_memory=memory,
+                     pointer_within_frame=within_frame)
+    model = DynamicsModel(config).eval()
+    with torch.no_grad():
+        for action, offset in ((0, (0, 0)), (1, (-1, 0)), (2, (1, 0))):
+            model.action_pointer.weight[action, model.copy_offsets.index(offset)] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("within_frame", [True, False])
+def test_without_memory_the_pointer_reads_the_previous_frame_repeated_or_blank_past_its_edges(dynamics_config,
+                                                                                             within_frame):
+    model = memory_model(dynamics_config, memory=0, within_frame=within_frame)
+    previous = torch.randint(0, 64, (2, 1, 16))
+    sources = model.pointer_sources(previous)  # [2, 6 * 6]: the 4x4 frame padded by one row/column
+    grid = previous.reshape(2, 4, 4)
+    for row in range(-1, 5):
+        for column in range(-1, 5):
+            inside = 0 <= row < 4 and 0 <= column < 4
+            want = grid[:, min(max(row, 0), 3), min(max(column, 0), 3)]
+            if within_frame and not inside:
+                want = torch.full_like(want, model.config.mask_id)
+            assert torch.equal(sources[:, (row + 1) * 6 + column + 1], want), (row, column)
+    # Each offset of each position reads its neighbour in that padding.
+    neighbours = model._neighbours(sources)  # [2, 16, 9]
+    assert torch.equal(neighbours[:, 5, model.copy_offsets.index((-1, 1))], grid[:, 0, 2])
+    assert torch.equal(neighbours[:, 0, model.copy_offsets.index((-1, -1))], sources[:, 0])
+
+
+def test_a_view_that_scrolls_back_shows_the_row_it_left(dynamics_config):
+    model = memory_model(dynamics_config)
+    mask = model.config.mask_id
+    first = torch.arange(16).reshape(4, 4)  # rows 0..3 of a scene
+    up = torch.cat([torch.full((1, 4), 20), first[:3]])  # scrolled up a row: a new top row, row 3 left the view
+    frames = torch.stack([torch.full((4, 4), mask), first, up]).reshape(1, 3, 16)  # oldest first, one not yet
+    actions = torch.tensor([[model.config.no_action_id, model.config.no_action_id, 1]])
+    sources = model.pointer_sources(frames, actions).reshape(6, 6)
+    assert torch.equal(sources[5, 1:5], first[3])  # below the view: the row that scrolled out of it
+    assert torch.equal(sources[0, 1:5], up[0])  # above it nothing was ever seen: the edge repeats
+    assert torch.equal(sources[1:5, 1:5], up)
+    # Without memory the row below repeats the edge; a world stepping back down then copies that row instead.
+    assert torch.equal(model.pointer_sources(frames[:, -1:])[0].reshape(6, 6)[5, 1:5], up[3])
+    engine = DynamicsEngine(model, max_sessions=1)
+    engine.start("w", frames[0, 1:], actions[0, 1:])
+    with torch.no_grad():  # the pointer alone decides: action 2 reads the row below every position
+        model.action_pointer.weight[2] *= 100
+    down = engine.step([StepRequest("w", 2, seed=0, step_index=0, num_steps=4, temperature=0.0)])[0].reshape(4, 4)
+    assert torch.equal(down, first)
+
+
+def test_a_world_with_memory_continues_identically_after_a_rebuild_whatever_it_was_batched_with(dynamics_config):
+    model = memory_model(dynamics_config, memory=8)  # more frames than the transformer's receptive field (6)
+    with torch.no_grad():  # the pointer follows the actions, so what it remembers decides frames
+        model.action_pointer.weight.mul_(5)
+    generator = torch.Generator().manual_seed(0)
+    actions = torch.randint(0, 3, (12,), generator=generator)
+
+    def request(name, step):
+        return StepRequest(name, int(actions[step]), seed=1, step_index=step, num_steps=4, temperature=1.0)
+
+    engine = DynamicsEngine(model, max_sessions=3)
+    prompt = torch.randint(0, 64, (1, 16), generator=generator)
+    engine.start("a", prompt, torch.tensor([model.config.no_action_id]))
+    engine.start("other", torch.randint(0, 64, (1, 16), generator=generator), torch.tensor([0]))
+    tokens, history_actions = [prompt[0]], [model.config.no_action_id]
+    for step in range(10):  # batched with another world on odd steps
+        batch = [request("a", step)] + ([request("other", step)] if step % 2 else [])
+        tokens.append(engine.step(batch)[0])
+        history_actions.append(int(actions[step]))
+    # Rebuilt from the last frames the models depend on (the window), at their positions: the same next frames.
+    history = max(model.config.transformer_config().receptive_frames, model.config.pointer_memory)
+    rebuilt = DynamicsEngine(model, max_sessions=1)
+    rebuilt.start("a", torch.stack(tokens[-history:]), torch.tensor(history_actions[-history:]),
+                  first_position=len(tokens) - min(history, len(tokens)))
+    for step in (10, 11):
+        assert torch.equal(rebuilt.step([request("a", step)])[0], engine.step([request("a", step)])[0])
+
+
+def test_memory_needs_the_action_pointer(dynamics_config):
+    from dataclasses import replace
+    with pytest.raises(ValueError, match="action pointer"):
+        DynamicsModel(replace(dynamics_config, copy_window=(1, 1), pointer_memory=4))
