@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,13 +142,18 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--context-frames", type=int, default=None,
                         help="override the models' temporal window (the KV-cache speedup grows with it)")
+    parser.add_argument("--maskgit-steps", type=int, default=None,
+                        help="override the preset's MaskGIT passes per frame (the KV-cache speedup grows with them)")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     world = WorldModel.from_preset(args.preset, args.context_frames).to(device)
+    if args.maskgit_steps is not None:
+        world.dynamics.config = replace(world.dynamics.config, num_maskgit_steps=args.maskgit_steps)
     results = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "threads": torch.get_num_threads(), "context_frames": world.dynamics.config.context_frames}
+               "threads": torch.get_num_threads(), "context_frames": world.dynamics.config.context_frames,
+               "maskgit_steps": world.dynamics.config.num_maskgit_steps}
     if not args.skip_training:
         results |= bench_training(world, args.preset, device, args.repeats)
     cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
