@@ -20,7 +20,7 @@ class ModelInfo:
     num_actions: int
     image_size: int
     grid_size: int  # tokens per side of a frame
-    history_frames: int  # frames of token history a world's next step depends on (the receptive field)
+    history_frames: int  # frames of token history a world's next step depends on (receptive field, pointer memory)
     default_maskgit_steps: int
     default_temperature: float
     window_frames: int = 0  # frames the dynamics model attends to at once (0: not reported)
