@@ -109,6 +109,6 @@ def test_a_service_that_keeps_exiting_while_starting_is_given_up_with_its_log(tm
     with pytest.raises(ServiceExited, match="missing-world"):
         wait_ready_or_restart(service, timeout_s=300, attempts=2)
     # Started twice, and both exited. Which way the second went is not asserted: in a long test run, forked
-    # while other threads are inside gRPC, it once died at start-up in gRPC before saying why (1 run in ~10).
+    # while other threads are inside gRPC, it once died at start-up in gRPC before saying why.
     assert service.process is not first and first.returncode == 1 and service.process.returncode != 0
     assert "cannot serve, exiting with status 1" in service.log_tail(400)
