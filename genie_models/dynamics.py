@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -150,9 +150,10 @@ class DynamicsModel(nn.Module):
                              "scroll its action's pointer bias favours")
         # The pointer reads the previous frame padded by its reach (rows, columns) on every side: which cell each
         # offset of each position reads, and each padded cell's place, fixed by the config: built once.
-        grid = _PointerGrid.build(math.isqrt(config.tokens_per_frame), config.copy_window, self.copy_offsets or [])
-        for name, tensor in vars(grid).items():
-            self.register_buffer(f"pointer_{name}", tensor if pointer else None, persistent=False)
+        grid = (_PointerGrid.build(math.isqrt(config.tokens_per_frame), config.copy_window, self.copy_offsets)
+                if pointer else None)
+        for field in fields(_PointerGrid):
+            self.register_buffer(f"pointer_{field.name}", getattr(grid, field.name, None), persistent=False)
         if self.copy_head is not None:
             # Starts near "copy the same position" (~1/2), "generate" (~1/5), each neighbour ~1/40.
             nn.init.zeros_(self.copy_head.weight)
@@ -171,10 +172,7 @@ class DynamicsModel(nn.Module):
         pointer's scale (see DynamicsConfig.action_guidance). pointer_sources [B, T, P]: what the pointer
         reads (see pointer_sources; by default the previous frames without memory).
         """
-        if previous_tokens is None:
-            previous_tokens = self._predecessors(tokens)
-        if pointer_sources is None:
-            pointer_sources = self._previous_sources(previous_tokens)
+        previous_tokens, pointer_sources = self._predecessor_inputs(tokens, previous_tokens, pointer_sources)
         return self._output(self._hidden(tokens, actions, cache), previous_tokens, self._neighbours(pointer_sources),
                             self._pointer_bias(actions, guidance))
 
@@ -203,6 +201,15 @@ class DynamicsModel(nn.Module):
         """Log-probabilities [..., O + 1] of pointing at each offset, the last: generate."""
         scores = self.copy_head(hidden).float()
         return (scores if pointer_bias is None else scores + pointer_bias.float()).log_softmax(dim=-1)
+
+    def _predecessor_inputs(self, tokens: torch.Tensor, previous_tokens: torch.Tensor | None,
+                            pointer_sources: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward's defaults: each frame's predecessor within tokens, and what the pointer reads of it."""
+        if previous_tokens is None:
+            previous_tokens = self._predecessors(tokens)
+        if pointer_sources is None:
+            pointer_sources = self._previous_sources(previous_tokens)
+        return previous_tokens, pointer_sources
 
     def _neighbours(self, sources: torch.Tensor | None) -> torch.Tensor | None:
         """What the pointer reads, padded frames [..., P] (see pointer_sources) -> its candidates [..., S, O]."""
@@ -274,10 +281,7 @@ class DynamicsModel(nn.Module):
         guidance = self.config.action_guidance
         if self.code_vectors is None:
             return self(tokens, actions, cache, previous_tokens, guidance, pointer_sources)
-        if previous_tokens is None:
-            previous_tokens = self._predecessors(tokens)
-        if pointer_sources is None:
-            pointer_sources = self._previous_sources(previous_tokens)
+        previous_tokens, pointer_sources = self._predecessor_inputs(tokens, previous_tokens, pointer_sources)
         hidden = self._hidden(tokens, actions, cache)
         if self.copy_head is None:
             expected = self._output(hidden, previous_tokens, None).float().softmax(dim=-1) @ self.code_vectors
@@ -394,7 +398,7 @@ class _PointerGrid:
         edge = cells.clamp(0, grid - 1)
         width = grid + 2 * columns
         position = torch.cartesian_prod(torch.arange(grid), torch.arange(grid))  # [S, 2]
-        shifted = position[:, None, :] + torch.tensor(offsets or [(0, 0)])[None]  # [S, O, 2]
+        shifted = position[:, None, :] + torch.tensor(offsets)[None]  # [S, O, 2]
         neighbour_index = (shifted[..., 0] + rows) * width + shifted[..., 1] + columns
         return cls(cells, inside, edge[:, 0] * grid + edge[:, 1], neighbour_index)
 
