@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from genie_models.allocator import keep_freed_memory
+
 PRESETS = ("tiny", "coinrun")
 
 
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

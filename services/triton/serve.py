@@ -25,6 +25,7 @@ from pytriton.model_config import Tensor
 from pytriton.proxy.types import Request
 from pytriton.triton import Triton, TritonConfig
 
+from genie_models.allocator import keep_freed_memory
 from genie_models.world_model import WorldModel
 from services.backends.base import ModelInfo
 from services.backends.inprocess import model_info
@@ -279,6 +280,7 @@ def run(kind: str, settings: ServiceSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m services.triton KIND ...` and `genie serve KIND ...` (via services/triton/cli.py)."""
+    keep_freed_memory()
     kind, settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(kind, settings)

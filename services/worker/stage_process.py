@@ -15,6 +15,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from genie_models.allocator import keep_freed_memory
 from genie_models.training import common as training_common
 
 
@@ -110,6 +111,7 @@ def evaluate(spec: dict, dataset, overrides: dict[str, int]) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()
     spec = json.loads(Path(sys.argv[1]).read_text())
     try:
         run(spec)
