@@ -8,7 +8,6 @@ services plus a gateway, restarted when they die), the serving benchmark and the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import IO
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from services import die_with_parent
 from services.triton import probe, protocol
 from services.triton.cli import ServerTLS
 from services.triton.client import ClientTLS
@@ -38,7 +38,6 @@ STOP_TIMEOUT_S = 45.0  # a graceful Triton stop takes ~5 s; a loaded machine nee
 # (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
 PORT_OFFSETS = {"dynamics": 0, "tokenizer": 10, "lam": 20}
 SHARED_MEMORY = Path("/dev/shm")
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a freshly forked child
 
 
 def free_port() -> int:
@@ -83,16 +82,12 @@ def service_environment(torch_threads: int | None = None) -> dict[str, str]:
     return os.environ | {"LD_LIBRARY_PATH": library_path} | threads
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the thread that started it dies, so a crashed or killed
-    parent leaves no service behind (Linux prctl PR_SET_PDEATHSIG; PyTriton does the same for Triton)."""
-    _LIBC.prctl(1, signal.SIGTERM)
-
-
 def start_child(command: list[str], env: dict[str, str], log: IO | None = None) -> subprocess.Popen:
-    """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None, env=env,
-                            process_group=0, preexec_fn=_die_with_parent)
+    """A child in its own process group (a terminal's Ctrl-C reaches only us, and we stop it in order) that gets
+    SIGTERM when the thread that started it dies, so a crashed or killed parent leaves no service behind
+    (PyTriton does the same for Triton)."""
+    return subprocess.Popen(die_with_parent.command(command, signal.SIGTERM), stdout=log,
+                            stderr=subprocess.STDOUT if log else None, env=env, process_group=0)
 
 
 def wait_or_kill(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:

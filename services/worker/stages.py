@@ -5,7 +5,6 @@ worker) needs is in the store when a stage ends.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import shutil
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genie_models.checkpoints import MANIFEST_NAME
+from services import die_with_parent
 from services.jobs.records import CANCELLED, JobRecord, JobRecords
 from services.settings import WorkerSettings
 from services.stores.base import ObjectStore
@@ -142,8 +142,10 @@ class StageRunner:
         spec_path = paths.root / f"{stage}.spec.json"
         spec_path.write_text(json.dumps(spec))
         with (paths.root / f"{stage}.log").open("ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "services.worker.stage_process", str(spec_path)],
-                                       stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            # SIGKILL when the worker dies, so no orphan keeps training.
+            stage_command = [sys.executable, "-m", "services.worker.stage_process", str(spec_path)]
+            process = subprocess.Popen(die_with_parent.command(stage_command, signal.SIGKILL),
+                                       stdout=log, stderr=subprocess.STDOUT)
         logger.info("stage %s of %s started as pid %d", stage, job.job_id, process.pid)
         return self._supervise(job.job_id, stage, process, progress, error, syncs, lease_lost)
 
@@ -214,10 +216,3 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
 
-
-def _die_with_parent() -> None:
-    """Linux: the stage process gets SIGKILL when the worker dies, so no orphan keeps training."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
