@@ -116,13 +116,16 @@ def filled_pool(world: WorldModel, count: int, device: torch.device, dtype: torc
 @torch.no_grad()
 def recompute_step(world: WorldModel, tokens: torch.Tensor, actions: torch.Tensor, action: int) -> torch.Tensor:
     """One world step WITHOUT a KV cache, the baseline to beat: the same MaskGIT sampler and decoder, but
-    every pass and the decode rerun the whole context window. tokens [1, T, S], actions [1, T]."""
+    every pass reruns the transformer over the whole context window (and scores its newest frame, as the cached
+    step does: scoring all of them cost the baseline 6-19% more, which flattered the cache). tokens [1, T, S],
+    actions [1, T]."""
     config = world.dynamics.config
     history_actions = torch.cat([actions, torch.tensor([[action]], device=tokens.device)], dim=1)
     uniforms = torch.rand(1, config.num_maskgit_steps, tokens.shape[2], device=tokens.device)
     temperature = torch.full((1,), config.temperature, device=tokens.device)
     frame = maskgit_sample(
-        lambda new: world.dynamics.sampling_logits(torch.cat([tokens, new[:, None]], dim=1), history_actions)[:, -1],
+        lambda new: world.dynamics.sampling_logits(torch.cat([tokens, new[:, None]], dim=1), history_actions,
+                                                   newest_only=True)[:, 0],
         config.mask_id, config.num_maskgit_steps, temperature, uniforms)
     window = torch.cat([tokens, frame[:, None]], dim=1)[:, -config.context_frames:]
     grid = world.tokenizer.config.grid_size

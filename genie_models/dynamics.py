@@ -274,20 +274,24 @@ class DynamicsModel(nn.Module):
 
     def sampling_logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
                         previous_tokens: torch.Tensor | None = None,
-                        pointer_sources: torch.Tensor | None = None) -> torch.Tensor:
+                        pointer_sources: torch.Tensor | None = None, newest_only: bool = False) -> torch.Tensor:
         """What sampling draws from: forward's logits, or with expected_code_decoding scores that rank
         codes by closeness to the expected code vector (argmax: the nearest code); both with the action
-        pointer scaled by config.action_guidance. Arguments as for forward."""
-        guidance = self.config.action_guidance
-        if self.code_vectors is None:
-            return self(tokens, actions, cache, previous_tokens, guidance, pointer_sources)
+        pointer scaled by config.action_guidance. Arguments as for forward; newest_only: score only the last
+        frame (a window run without a cache samples just that one) -> [B, 1, S, V]."""
         previous_tokens, pointer_sources = self._predecessor_inputs(tokens, previous_tokens, pointer_sources)
         hidden = self._hidden(tokens, actions, cache)
+        if newest_only:
+            hidden, previous_tokens, actions = hidden[:, -1:], previous_tokens[:, -1:], actions[:, -1:]
+            pointer_sources = None if pointer_sources is None else pointer_sources[:, -1:]
+        neighbours = self._neighbours(pointer_sources)
+        pointer_bias = self._pointer_bias(actions, self.config.action_guidance)
+        if self.code_vectors is None:
+            return self._output(hidden, previous_tokens, neighbours, pointer_bias)
         if self.copy_head is None:
             expected = self._output(hidden, previous_tokens, None).float().softmax(dim=-1) @ self.code_vectors
         else:
-            expected = self._expected_pointer_code(hidden, previous_tokens, self._neighbours(pointer_sources),
-                                                   self._pointer_bias(actions, guidance))
+            expected = self._expected_pointer_code(hidden, previous_tokens, neighbours, pointer_bias)
         return code_similarity_scores(expected, self.code_vectors)
 
     def _expected_pointer_code(self, hidden: torch.Tensor, previous: torch.Tensor, neighbours: torch.Tensor,

@@ -197,6 +197,8 @@ def test_action_guidance_scales_the_action_pointer_when_sampling_and_not_in_trai
         plain = model.sampling_logits(tokens, actions)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # scores x50: float rounding shows
         assert (got - plain).abs().max() > 0.1  # guidance changed what sampling draws from
+        # A window run without a cache scores just its newest frame, with the same guidance.
+        torch.testing.assert_close(guided.sampling_logits(tokens, actions, newest_only=True), got[:, -1:])
         clip = torch.randint(0, config.num_codes, (2, 3, 16))
         torch.manual_seed(1)
         guided_loss = guided.loss(clip, actions[:, 1:]).loss
