@@ -188,7 +188,7 @@ def main() -> None:
     with _autocast(device):
         results |= bench_stepping(world, device, cache_dtype, args.repeats, [int(b) for b in args.batches.split(",")])
     for name, value in results.items():
-        print(f"{name:<40} {value:>12.2f}" if isinstance(value, float) else f"{name:<40} {value:>12}")
+        print(f"{name:<40} {value:>12.2f}" if isinstance(value, float) else f"{name:<40} {value!s:>12}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
