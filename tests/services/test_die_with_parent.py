@@ -58,7 +58,7 @@ def test_the_parents_fork_handlers_do_not_run_in_a_started_child(tmp_path):
 def test_a_child_whose_parent_died_before_it_asked_is_signalled_at_once():
     # The launcher checks its parent after asking for the signal: a parent that is already gone never sends it.
     launcher = die_with_parent.command(["sleep", "30"], signal.SIGTERM)
-    launcher[launcher.index(str(os.getpid()))] = "1"  # pretend the parent was another process, now gone
+    launcher[launcher.index(str(os.getpid()))] = str(2**30)  # a parent that was another process, now gone
     started = time.monotonic()
     code = subprocess.run(launcher, timeout=30).returncode
     assert code == -signal.SIGTERM and time.monotonic() - started < 10
