@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from genie.v1 import world_pb2 as pb
+from genie_models.allocator import keep_freed_memory
 from services.client import connect
 from services.triton.stack import ServiceOptions, ServiceStack, free_port
 
@@ -237,6 +238,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"),
                         help="writes serving-PRESET-BACKEND.json here")
     args = parser.parse_args()
+    keep_freed_memory()  # the engine baseline stepped here must run as the gateway it is compared with does
     backends = args.backends.split(",") if args.backends else [args.backend]
     if unknown := set(backends) - set(BACKENDS):
         parser.error(f"unknown backends {sorted(unknown)}; known: {', '.join(BACKENDS)}")

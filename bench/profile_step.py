@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_models import filled_pool  # a sibling script: running bench/X.py puts bench/ on sys.path
+from genie_models.allocator import keep_freed_memory
 from genie_models.world_model import WorldModel
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="write a Chrome trace here")
     args = parser.parse_args()
+    keep_freed_memory()  # as every genie entry point
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
