@@ -3,10 +3,10 @@ back to the OS and page-faulting them in again on the next step.
 
 By default glibc serves blocks above a (dynamic) size threshold with fresh mmap'd pages and trims the free top
 of its heap back to the OS, so a world step that allocates and frees the same few-megabyte activations every
-call can fault them in every call. Measured (`bench/bench_models.py --preset tiny --skip-training --batches 1
---repeats 30`, 2 cores): 0.7-1.7 M minor page faults per run; one process in three stepped a world at
-20 frames/s instead of 25, and the no-cache baseline ran ~25% slower. With the threshold pinned at glibc's
-maximum and trimming only past 512 MiB: ~67 k faults and every run at 24-26 frames/s.
+call can fault them in every call. Measured on 2 cores (tiny world): 1,600-3,060 minor page faults per step
+by default, 0-6 with these settings; a `bench/bench_models.py --preset tiny --skip-training --batches 1,8
+--repeats 30` run faulted 1.1-2.1 M pages by default and ~100 k with them, and one cold process in three
+stepped a world at ~20 frames/s instead of ~25.
 """
 
 from __future__ import annotations

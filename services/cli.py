@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from genie_models.allocator import keep_freed_memory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -133,7 +134,9 @@ def _client_play(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Stand-alone runner (`python -m services.cli ...`) until the genie CLI dispatches to register()."""
+    """Stand-alone runner (`python -m services.cli ...`, how `genie serve stack` starts its gateway) until the genie
+    CLI dispatches to register()."""
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="genie")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
