@@ -20,15 +20,18 @@ def test_sampling_follows_the_distribution():
     assert abs(float(ids.float().mean()) - 0.8) < 0.03
 
 
-def test_maskgit_fills_every_position_in_the_given_steps():
+@pytest.mark.parametrize("num_steps", [1, 4])  # 1: the tiny preset's single pass
+def test_maskgit_fills_every_position_in_the_given_steps(num_steps):
     calls = []
 
     def predict(tokens):
         calls.append((tokens == 99).sum().item())
         return torch.randn(tokens.shape[0], tokens.shape[1], 10)
 
-    tokens = maskgit_sample(predict, mask_id=99, num_steps=4, temperature=torch.ones(3), uniforms=torch.rand(3, 4, 16))
+    tokens = maskgit_sample(predict, mask_id=99, num_steps=num_steps, temperature=torch.ones(3),
+                            uniforms=torch.rand(3, num_steps, 16))
     assert (tokens != 99).all() and tokens.max() < 10
+    assert len(calls) == num_steps
     assert calls == sorted(calls, reverse=True) and calls[0] == 3 * 16  # fewer masked each pass
 
 
