@@ -9,6 +9,7 @@ become status codes in `status_for` only; `GatewayRuntime` runs the event loop a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -218,15 +219,26 @@ class GatewayRuntime:
         self.auth = Authenticator(settings)  # refuses to start without keys unless auth is off
         credentials = server_credentials(settings)
         self.metrics = GatewayMetrics()
-        self.backend = backend if backend is not None else build_backend(settings, self.metrics)
-        self.store = store if store is not None else build_store(settings)
-        catalog = catalog if catalog is not None else build_catalog(settings)
-        self.gateway = Gateway(settings, self.backend, self.metrics, self.store, catalog)
-        self.executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="gateway-io")
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="gateway-loop", daemon=True)
-        self._loop_thread.start()
-        self.port = self._run(self._build(credentials))
+        # A part that fails to start (a model service refusing the gateway, a store out of reach) must not leave
+        # the parts started before it running: the backend's discovery and lease threads would go on polling.
+        with contextlib.ExitStack() as started:
+            self.backend = backend if backend is not None else build_backend(settings, self.metrics)
+            if backend is None:
+                started.callback(self.backend.close)
+            self.store = store if store is not None else build_store(settings)
+            if store is None:
+                started.callback(self.store.close)
+            catalog = catalog if catalog is not None else build_catalog(settings)
+            self.gateway = Gateway(settings, self.backend, self.metrics, self.store, catalog)
+            started.callback(self.gateway.close)
+            self.executor = ThreadPoolExecutor(settings.rpc_threads, thread_name_prefix="gateway-io")
+            started.callback(self.executor.shutdown, wait=True)
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="gateway-loop", daemon=True)
+            self._loop_thread.start()
+            started.callback(self._stop_loop)
+            self.port = self._run(self._build(credentials))
+            started.pop_all()
         self.metrics_server: MetricsServer | None = None
 
     def _run(self, coroutine):
@@ -262,12 +274,15 @@ class GatewayRuntime:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Reports NOT_SERVING, lets in-flight calls finish for grace_s, then stops everything."""
-        self._run(self._stop(self.settings.shutdown_grace_s if grace_s is None else grace_s))
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Reports NOT_SERVING, lets in-flight calls finish for grace_s, then stops everything."""
+        self._run(self._stop(self.settings.shutdown_grace_s if grace_s is None else grace_s))
+        self._stop_loop()
         self.gateway.close()
         self.executor.shutdown(wait=True)
         self.backend.close()
