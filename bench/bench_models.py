@@ -31,32 +31,25 @@ def _sync(device: torch.device) -> None:
 
 def _timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds per call after warmup."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return _timed_in_turn([fn], device, warmup, repeats)[0]
 
 
-def _timed_alternating(first, second, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median seconds per call of two functions timed in turn (first, second, first, ...): on shared cores whose
-    speed drifts over seconds both see the same machine, so their ratio is steadier than that of two blocks."""
+def _timed_in_turn(fns, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds per call of each function, called in turn (first, second, ..., first, ...): on shared cores
+    whose speed drifts over seconds they all see the same machine, so their ratios are steadier than those of
+    blocks timed one after another."""
     for _ in range(warmup):
-        first(), second()
-    times = ([], [])
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, fn_times in zip((first, second), times):
+        for fn, fn_times in zip(fns, times):
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             fn_times.append(time.perf_counter() - start)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    return [float(np.median(fn_times)) for fn_times in times]
 
 
 def _autocast(device: torch.device):
@@ -143,8 +136,8 @@ def bench_stepping(world: WorldModel, device: torch.device, dtype: torch.dtype, 
     config = world.dynamics.config
     tokens = torch.randint(0, config.num_codes, (1, config.context_frames - 1, config.tokens_per_frame), device=device)
     actions = torch.zeros(1, config.context_frames - 1, dtype=torch.long, device=device)
-    cached, recomputed = _timed_alternating(lambda: pool.step({ids[0]: 1}),
-                                            lambda: recompute_step(world, tokens, actions, 1), device, 1, repeats)
+    cached, recomputed = _timed_in_turn([lambda: pool.step({ids[0]: 1}),
+                                         lambda: recompute_step(world, tokens, actions, 1)], device, 1, repeats)
     results = {"step_1_worlds_frames_per_s": 1 / cached, "step_1_world_no_cache_frames_per_s": 1 / recomputed,
                "kv_cache_speedup": recomputed / cached}
     for count in batch_sizes:
