@@ -33,6 +33,7 @@ from services.compute_thread import ComputeThread
 from services.triton import protocol
 from services.triton.batching import UNBATCHED, Binding, batched_config
 from services.triton.cli import ServiceSettings, parse_args
+from services.triton.procfs import TRITONSERVER, children_named, process_alive
 from services.triton.versions import ControlQueue, VersionHost, bind, control_binding
 
 logger = logging.getLogger("genie.triton")
@@ -172,7 +173,7 @@ class TritonWatch(threading.Thread):
         while not self.stop.requested:
             time.sleep(self.period_s)
             if server is None:
-                server = next(iter(children_named(os.getpid(), "tritonserver")), None)
+                server = next(iter(children_named(os.getpid(), TRITONSERVER)), None)
             elif not process_alive(server) and not self.stop.requested:
                 exit_cannot_serve(self.kind, f"tritonserver (pid {server}) exited on its own", self.clean_up)
 
@@ -185,28 +186,6 @@ def exit_cannot_serve(kind: str, reason: object, clean_up: Callable[[], None] = 
     clean_up()
     logging.shutdown()
     os._exit(1)
-
-
-def children_named(parent: int, name: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    command, fields = stat.read().split(" (", 1)[1].rsplit(") ", 1)
-            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-                continue
-            if command == name and int(fields.split()[1]) == parent:
-                found.append(int(entry))
-    return found
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(") ", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 class StopRequest:

@@ -28,11 +28,13 @@ from services import die_with_parent
 from services.triton import probe, protocol
 from services.triton.cli import ServerTLS
 from services.triton.client import ClientTLS
+from services.triton.procfs import TRITONSERVER, children_named
 
 logger = logging.getLogger("genie.stack")
 
 START_ATTEMPTS = 3  # a service that exits while starting (a port taken meanwhile, memory) is started again
 READY_TIMEOUT_S = 300.0  # Triton loads each Python-backend model in seconds; a loaded machine took over 120 s
+HEALTH_TIMEOUT_S = 5.0  # one readiness call; a frozen server must not hold wait_ready past its deadline
 STOP_TIMEOUT_S = 45.0  # a graceful Triton stop takes ~5 s; a loaded machine needed over 20 s (measured)
 # Fixed layout of `genie serve stack`: dynamics on base+0..2, tokenizer base+10..12, lam base+20..22
 # (http, grpc, metrics), the same ports as the examples of services/triton/README.md for base 8000.
@@ -187,16 +189,22 @@ class TritonService:
         self.stopping = False
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Until Triton's own health endpoint and every model of this service say ready."""
+        """Until our process runs its own tritonserver and Triton's health endpoint and every model of this service
+        say ready. Health alone is not enough: a killed predecessor's tritonserver answers on these ports (ready)
+        until its parent-death SIGTERM is handled, then takes requests nobody answers (CI saw a restarted service
+        "ready" in no time and its first step time out); ours is started only once those ports are free."""
         deadline = time.monotonic() + timeout_s
         with contextlib.closing(self._client()) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     kill_group(self.process)
                     raise ServiceExited(f"{self.kind} service exited ({self.process.returncode}){self._log_hint()}")
-                with contextlib.suppress(InferenceServerException):
-                    if client.is_server_ready() and all(client.is_model_ready(name) for name in self.ready_models):
-                        return
+                if children_named(self.process.pid, TRITONSERVER):
+                    with contextlib.suppress(InferenceServerException):
+                        if client.is_server_ready(client_timeout=HEALTH_TIMEOUT_S) and all(
+                                client.is_model_ready(name, client_timeout=HEALTH_TIMEOUT_S)
+                                for name in self.ready_models):
+                            return
                 time.sleep(0.3)
         raise TimeoutError(f"{self.kind} service not ready after {timeout_s} s{self._log_hint()}")
 

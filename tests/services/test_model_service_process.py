@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from services.triton.serve import children_named, process_alive
-from services.triton.stack import ServiceExited, ServicePorts, wait_ready_or_restart
+from services.triton.procfs import TRITONSERVER, children_named, process_alive
+from services.triton.stack import ServiceExited, ServicePorts, TritonService, wait_ready_or_restart
 from tests.services.helpers import MODEL_NAME
 from tests.services.triton_stack import lone_service
 
@@ -68,13 +68,31 @@ def test_service_exits_non_zero_when_its_tritonserver_dies(world_checkpoint, tmp
     service.start()
     try:
         service.wait_ready()
-        [server] = children_named(service.process.pid, "tritonserver")
+        [server] = children_named(service.process.pid, TRITONSERVER)
         os.kill(server, signal.SIGKILL)
         assert service.process.wait(timeout=120) == 1
         assert "tritonserver (pid" in service.log_tail() and "exited on its own" in service.log_tail()
     finally:
         service.stop()
     assert not process_alive(server)
+
+
+def test_a_service_is_not_taken_for_ready_on_the_answers_of_another_on_its_ports(world_checkpoint, tmp_path):
+    """A SIGKILLed service's tritonserver answers "ready" on its ports for a moment; a replacement started at once
+    must not be taken for ready on those answers (CI once sent a restarted service's first step to such a server,
+    which never answered). Here the other server stays: the replacement gives up on the ports and says so."""
+    serving = lone_service("lam", world_checkpoint, MODEL_NAME, tmp_path, max_worlds=2)
+    serving.start()
+    try:
+        serving.wait_ready()
+        replacement = TritonService("lam", world_checkpoint, MODEL_NAME, serving.ports, serving.options,
+                                    tmp_path / "replacement.log")
+        replacement.command += ["--port-wait-s", "1"]
+        replacement.start()
+        with pytest.raises(ServiceExited, match="still in use"):
+            replacement.wait_ready(timeout_s=300)
+    finally:
+        serving.stop()
 
 
 def test_a_service_that_exits_while_starting_is_started_again(world_checkpoint, tmp_path):

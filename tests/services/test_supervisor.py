@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from services.metrics import StackMetrics
-from services.triton.serve import process_alive
+from services.triton.procfs import process_alive
 from services.triton.stack import READY_TIMEOUT_S, ServicePorts, TritonService, start_child
 from services.triton.supervisor import RestartPolicy, Supervisor
 from tests.services.helpers import MODEL_NAME
