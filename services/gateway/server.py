@@ -262,8 +262,12 @@ class GatewayRuntime:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def start(self) -> "GatewayRuntime":
-        self.metrics_server = serve_metrics(self.metrics.registry, self.settings.metrics_port, self.settings.host)
-        self._run(self._start())
+        try:
+            self.metrics_server = serve_metrics(self.metrics.registry, self.settings.metrics_port, self.settings.host)
+            self._run(self._start())
+        except BaseException:  # `GatewayRuntime(...).start()` leaves the caller nothing to stop it with
+            self.stop(grace_s=0)
+            raise
         log.info("gateway serving", extra={"port": self.port, "metrics_port": self.metrics_server.port,
                                            "backend": self.settings.backend, "world_store": self.settings.world_store,
                                            "auth": self.settings.auth, "tls": self.settings.tls_cert_file is not None,
