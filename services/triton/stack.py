@@ -135,6 +135,7 @@ class ServiceOptions:
     torch_threads: int | None = None  # OMP_NUM_THREADS of each service; None inherits ours
     environment: dict[str, str] = field(default_factory=dict)  # more variables, e.g. GENIE_STORE_* for a catalog
     hold_lease_s: float | None = None  # catalog services: their --hold-lease-s (None: the service's default)
+    port_wait_s: float | None = None  # their --port-wait-s: how long a start waits for its ports (None: default)
     tls: ServerTLS | None = None  # serve gRPC over TLS
     client_tls: ClientTLS | None = None  # how our probes and the stack's gateway reach TLS services
 
@@ -162,6 +163,8 @@ class TritonService:
                         "--max-queue-delay-us", str(options.max_queue_delay_us), "--device", options.device]
         if options.workspace_root is not None:
             self.command += ["--workspace-root", str(options.workspace_root)]
+        if options.port_wait_s is not None:
+            self.command += ["--port-wait-s", str(options.port_wait_s)]
         if checkpoint is None and options.hold_lease_s is not None:
             self.command += ["--hold-lease-s", str(options.hold_lease_s)]
         if options.tls is not None:

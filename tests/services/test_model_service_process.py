@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,8 @@ def test_a_service_is_not_taken_for_ready_on_the_answers_of_another_on_its_ports
     serving.start()
     try:
         serving.wait_ready()
-        replacement = TritonService("lam", world_checkpoint, MODEL_NAME, serving.ports, serving.options,
-                                    tmp_path / "replacement.log")
-        replacement.command += ["--port-wait-s", "1"]
+        replacement = TritonService("lam", world_checkpoint, MODEL_NAME, serving.ports,
+                                    replace(serving.options, port_wait_s=1), tmp_path / "replacement.log")
         replacement.start()
         with pytest.raises(ServiceExited, match="still in use"):
             replacement.wait_ready(timeout_s=300)
@@ -97,7 +97,7 @@ def test_a_service_is_not_taken_for_ready_on_the_answers_of_another_on_its_ports
 
 def test_a_service_that_exits_while_starting_is_started_again(world_checkpoint, tmp_path):
     """Its port is held at first (so it exits after --port-wait-s) and freed once it has exited."""
-    service = lone_service("lam", world_checkpoint, MODEL_NAME, tmp_path, max_worlds=2)
+    service = lone_service("lam", world_checkpoint, MODEL_NAME, tmp_path, max_worlds=2, port_wait_s=1)
     holder = socket.socket()
     holder.bind(("127.0.0.1", service.ports.grpc))
     holder.listen()

@@ -22,10 +22,12 @@ def options_for_tests(max_worlds: int = 16, workspace_root: Path | None = None,
                           torch_threads=1, environment=environment or {})
 
 
-def lone_service(kind: str, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int) -> TritonService:
-    """One more service beside a stack, on its own free ports, logging to log_dir/<kind>.log."""
-    return TritonService(kind, checkpoint, model_name, ServicePorts.free(), options_for_tests(max_worlds),
-                         Path(log_dir) / f"{kind}.log")
+def lone_service(kind: str, checkpoint: Path, model_name: str, log_dir: Path, max_worlds: int,
+                 port_wait_s: float | None = None) -> TritonService:
+    """One more service beside a stack, on its own free ports, logging to log_dir/<kind>.log; port_wait_s: how
+    long it waits for ports held by another (None: the service's default)."""
+    options = replace(options_for_tests(max_worlds), port_wait_s=port_wait_s)
+    return TritonService(kind, checkpoint, model_name, ServicePorts.free(), options, Path(log_dir) / f"{kind}.log")
 
 
 @contextlib.contextmanager
