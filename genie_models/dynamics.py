@@ -193,12 +193,14 @@ class DynamicsModel(nn.Module):
         bonus = (self.copy_logit * known).to(logits.dtype)
         return logits.scatter_add(-1, previous.clamp_max(self.config.num_codes - 1)[..., None], bonus[..., None])
 
-    def _pointer_bias(self, actions: torch.Tensor, guidance: float = 1.0) -> torch.Tensor | None:
+    def _pointer_bias(self, actions: torch.Tensor, guidance: float | torch.Tensor = 1.0) -> torch.Tensor | None:
         """actions [B, T] -> the pointer's per-action bias [B, T, 1, O + 1] (None without one), scaled by
-        `guidance` (sampling: config.action_guidance; training: 1)."""
+        `guidance` (sampling: config.action_guidance or each world's [B, 1, 1, 1]; training: 1)."""
         if self.action_pointer is None:
             return None
-        return ACTION_POINTER_GAIN * guidance * self.action_pointer(actions)[:, :, None, :]
+        bias = self.action_pointer(actions)[:, :, None, :]
+        scale = ACTION_POINTER_GAIN * guidance  # in double, then rounded once, as a float guidance is
+        return (scale.to(bias.dtype) if isinstance(scale, torch.Tensor) else scale) * bias
 
     def _pointer_choice(self, hidden: torch.Tensor, pointer_bias: torch.Tensor | None) -> torch.Tensor:
         """Log-probabilities [..., O + 1] of pointing at each offset, the last: generate."""
@@ -277,18 +279,21 @@ class DynamicsModel(nn.Module):
 
     def sampling_logits(self, tokens: torch.Tensor, actions: torch.Tensor, cache: CacheView | None = None,
                         previous_tokens: torch.Tensor | None = None,
-                        pointer_sources: torch.Tensor | None = None, newest_only: bool = False) -> torch.Tensor:
+                        pointer_sources: torch.Tensor | None = None, newest_only: bool = False,
+                        guidance: torch.Tensor | None = None) -> torch.Tensor:
         """What sampling draws from: forward's logits, or with expected_code_decoding scores that rank
         codes by closeness to the expected code vector (argmax: the nearest code); both with the action
-        pointer scaled by config.action_guidance. Arguments as for forward; newest_only: score only the last
-        frame (a window run without a cache samples just that one) -> [B, 1, S, V]."""
+        pointer scaled by guidance [B] (each world's own; None: config.action_guidance for all). Arguments as
+        for forward; newest_only: score only the last frame (a window run without a cache samples just that
+        one) -> [B, 1, S, V]."""
         previous_tokens, pointer_sources = self._predecessor_inputs(tokens, previous_tokens, pointer_sources)
         hidden = self._hidden(tokens, actions, cache)
         if newest_only:
             hidden, previous_tokens, actions = hidden[:, -1:], previous_tokens[:, -1:], actions[:, -1:]
             pointer_sources = None if pointer_sources is None else pointer_sources[:, -1:]
         neighbours = self._neighbours(pointer_sources)
-        pointer_bias = self._pointer_bias(actions, self.config.action_guidance)
+        pointer_bias = self._pointer_bias(actions, self.config.action_guidance if guidance is None
+                                          else guidance[:, None, None, None])
         if self.code_vectors is None:
             return self._output(hidden, previous_tokens, neighbours, pointer_bias)
         if self.copy_head is None:

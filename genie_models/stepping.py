@@ -85,6 +85,7 @@ class StepRequest:
     step_index: int  # the frame's index in its world: with the seed it fixes the sampling noise
     num_steps: int
     temperature: float
+    action_guidance: float | None = None  # the action pointer's scale for this world (None: the model's own)
 
 
 def step_noise(seed: int, step_index: int, num_steps: int, tokens_per_frame: int) -> torch.Tensor:
@@ -142,6 +143,9 @@ class DynamicsEngine:
         slots = self.sessions.slots([r.session for r in requests])
         actions = torch.tensor([[r.action] for r in requests], device=self.device)
         temperature = torch.tensor([r.temperature for r in requests], device=self.device)
+        default = self.config.action_guidance
+        guidance = torch.tensor([default if r.action_guidance is None else r.action_guidance for r in requests],
+                                dtype=torch.float64, device=self.device)
         uniforms = torch.stack([step_noise(r.seed, r.step_index, num_steps, self.config.tokens_per_frame)
                                 for r in requests]).to(self.device)
         view = self.sessions.view(slots)
@@ -150,7 +154,8 @@ class DynamicsEngine:
         sources = self.model.pointer_sources(recent, recent_actions)
         sources = None if sources is None else sources[:, None]
         tokens = maskgit_sample(
-            lambda new: self.model.sampling_logits(new[:, None], actions, view, previous, sources)[:, 0],
+            lambda new: self.model.sampling_logits(new[:, None], actions, view, previous, sources,
+                                                   guidance=guidance)[:, 0],
             self.config.mask_id, num_steps, temperature, uniforms)
         self.model.append(tokens[:, None], actions, view.committing())
         self.recent_tokens[slots] = torch.cat([recent[:, 1:], tokens[:, None]], dim=1)

@@ -24,6 +24,9 @@ class ModelInfo:
     default_maskgit_steps: int
     default_temperature: float
     window_frames: int = 0  # frames the dynamics model attends to at once (0: not reported)
+    # How strongly a latent action steers the frame by default (the action pointer's scale, DynamicsConfig);
+    # None: the model has no action pointer, so guidance does not apply to it.
+    default_action_guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class WorldStep:
     step_index: int  # index of the frame being generated: with the seed it fixes the sampling noise
     num_maskgit_steps: int
     temperature: float
+    action_guidance: float | None = None  # None: the model's own (ModelInfo.default_action_guidance)
 
 
 @dataclass(frozen=True)

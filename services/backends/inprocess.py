@@ -31,7 +31,8 @@ def model_info(world: WorldModel, name: str) -> ModelInfo:
     return ModelInfo(name=name, num_actions=world.num_actions, image_size=world.image_size,
                      grid_size=tokenizer.grid_size, history_frames=world.history_frames(),
                      default_maskgit_steps=dynamics.num_maskgit_steps, default_temperature=dynamics.temperature,
-                     window_frames=dynamics.context_frames)
+                     window_frames=dynamics.context_frames,
+                     default_action_guidance=dynamics.action_guidance if dynamics.action_pointer else None)
 
 
 @dataclass
@@ -117,7 +118,7 @@ class InProcessBackend:
         loaded = self._get(model)
         ids = [step.world_id for step in steps]
         requests = [StepRequest(step.world_id, step.action, step.seed, step.step_index,
-                                step.num_maskgit_steps, step.temperature) for step in steps]
+                                step.num_maskgit_steps, step.temperature, step.action_guidance) for step in steps]
         grid = loaded.info.grid_size
 
         def step() -> tuple[np.ndarray, np.ndarray]:

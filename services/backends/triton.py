@@ -345,7 +345,15 @@ class TritonBackend:
                     "seed": _column([step.seed for step in chunk], np.int64),
                     "step_index": _column([step.step_index for step in chunk], np.int64),
                     "num_maskgit_steps": _column([step.num_maskgit_steps for step in chunk], np.int32),
-                    "temperature": _column([step.temperature for step in chunk], np.float32)}
+                    "temperature": _column([step.temperature for step in chunk], np.float32)} | guidance(chunk)
+
+        def guidance(chunk: list[WorldStep]) -> dict[str, np.ndarray]:
+            """The optional input, for models with an action pointer; float64, as the in-process engine uses it."""
+            default = services.info.default_action_guidance
+            if default is None:
+                return {}
+            return {"action_guidance": _column([default if step.action_guidance is None else step.action_guidance
+                                                for step in chunk], np.float64)}
 
         return self._per_replica(services, services.dynamics, steps, services.model(protocol.DYNAMICS_STEP),
                                  request, "tokens")  # [B, S]
@@ -390,8 +398,8 @@ class TritonBackend:
     def _check(steps: Sequence[WorldStep], statuses: list[Status], kind: str) -> None:
         invalid = [step.world_id for step, status in zip(steps, statuses) if status == Status.INVALID]
         if invalid:
-            raise ValueError(f"the {kind} service refused the steps of worlds {invalid}: action, step count "
-                             f"or temperature out of range, or a world twice in one batch")
+            raise ValueError(f"the {kind} service refused the steps of worlds {invalid}: action, step count, "
+                             f"temperature or action guidance out of range, or a world twice in one batch")
         if any(status == Status.NOT_CACHED for status in statuses):
             # The gateway retries the whole batch after rebuilding, so every world in it must be rebuilt:
             # the others may already have advanced in this or the other service.

@@ -31,7 +31,8 @@ def prompt_image(prompt: pb.PromptImage, limits: ImageLimits) -> np.ndarray:
 
 def sampling_request(sampling: pb.SamplingParams) -> SamplingRequest:
     temperature = sampling.temperature if sampling.HasField("temperature") else None
-    return SamplingRequest(sampling.seed, sampling.num_maskgit_steps, temperature)
+    guidance = sampling.action_guidance if sampling.HasField("action_guidance") else None
+    return SamplingRequest(sampling.seed, sampling.num_maskgit_steps, temperature, guidance)
 
 
 def frame_message(pixels: np.ndarray, frame_format: int) -> pb.Frame:
@@ -54,7 +55,7 @@ def frame_format(requested: int, default: int) -> int:
 
 def world_message(record: WorldRecord) -> pb.World:
     sampling = pb.SamplingParams(num_maskgit_steps=record.num_maskgit_steps, temperature=record.temperature,
-                                 seed=record.seed)
+                                 seed=record.seed, action_guidance=record.action_guidance)
     name, version = split_key(record.model)
     return pb.World(world_id=record.world_id, model=name, sampling=sampling,
                     output_format=record.output_format or pb.FRAME_FORMAT_RAW_RGB, step=record.step,
@@ -67,4 +68,5 @@ def model_message(listing: ModelListing) -> pb.Model:
                     default_num_maskgit_steps=info.default_maskgit_steps,
                     default_temperature=info.default_temperature, history_frames=info.history_frames,
                     window_frames=info.window_frames, versions=listing.versions, latest_version=listing.latest,
-                    loaded_versions=listing.loaded)
+                    loaded_versions=listing.loaded, has_action_guidance=info.default_action_guidance is not None,
+                    default_action_guidance=info.default_action_guidance or 0.0)

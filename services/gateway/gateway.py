@@ -33,6 +33,8 @@ from services.worldstore.base import WorldRecord, WorldStore
 
 log = logging.getLogger(__name__)
 NO_ACTION = -1  # last_action of a world that has not stepped yet
+# Beyond ~10 the pointer's bias saturates its softmax (one offset certain); far past it only overflow waits.
+MAX_ACTION_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SamplingRequest:
     seed: int = 0
     num_maskgit_steps: int = 0  # 0: the model's default
     temperature: float | None = None  # None: the model's default
+    action_guidance: float | None = None  # None: the model's default
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ class Gateway:
             decoded = self.backend.start_world(key, world_id, tokens, actions)
             record = WorldRecord(world_id, owner, key, resolved.seed, resolved.num_maskgit_steps,
                                  resolved.temperature, output_format, step=0, tokens=np.asarray(tokens[-1:]),
-                                 actions=actions, last_frame=decoded[-1], last_action=NO_ACTION)
+                                 actions=actions, last_frame=decoded[-1], last_action=NO_ACTION,
+                                 action_guidance=resolved.action_guidance)
             self.store.create(record)
         except BaseException:
             self.worlds.release()
@@ -135,7 +139,15 @@ class Gateway:
             raise InvalidArgument(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         if sampling.num_maskgit_steps > 1000:
             raise InvalidArgument(f"num_maskgit_steps must be at most 1000, got {sampling.num_maskgit_steps}")
-        return Sampling(sampling.seed, sampling.num_maskgit_steps or info.default_maskgit_steps, temperature)
+        guidance = sampling.action_guidance
+        if guidance is not None and info.default_action_guidance is None:
+            raise InvalidArgument(f"model {quote(info.name)} has no action pointer, so action_guidance does not "
+                                  "apply to it: leave it unset (ListModels: has_action_guidance)")
+        if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_ACTION_GUIDANCE):
+            raise InvalidArgument(f"action_guidance must be a number from 0 to {MAX_ACTION_GUIDANCE:g} (1 = as "
+                                  f"trained, the model's default is {info.default_action_guidance:g}), got {guidance}")
+        return Sampling(sampling.seed, sampling.num_maskgit_steps or info.default_maskgit_steps, temperature,
+                        info.default_action_guidance if guidance is None else guidance)
 
     def _world(self, owner: str, world_id: str) -> World:
         """The caller's world: held here, or loaded from the store (then its caches are rebuilt first)."""
@@ -201,7 +213,7 @@ class Gateway:
                 return
             record = world.record
             step = WorldStep(world.world_id, action, record.seed, record.step, record.num_maskgit_steps,
-                             record.temperature)
+                             record.temperature, record.action_guidance)
             pending = PendingStep(step, world.needs_rebuild, rebuild=lambda: self._rebuild(world),
                                   commit=lambda output: self._commit(world, action, output, started, pending),
                                   on_failure=lambda error: self._failed(world))

@@ -24,6 +24,7 @@ class Sampling:
     seed: int
     num_maskgit_steps: int
     temperature: float
+    action_guidance: float | None = None  # None: the model has no action pointer
 
 
 @dataclass
@@ -97,7 +98,7 @@ class World:
 
 
 def sampling_of(record: WorldRecord) -> Sampling:
-    return Sampling(record.seed, record.num_maskgit_steps, record.temperature)
+    return Sampling(record.seed, record.num_maskgit_steps, record.temperature, record.action_guidance)
 
 
 def idle_seconds(record: WorldRecord, now: float | None = None) -> float:

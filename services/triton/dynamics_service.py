@@ -23,6 +23,7 @@ from services.triton.batching import (FIRST_POSITION, UNBATCHED, Binding, StepLe
 from services.triton.protocol import Status
 
 STEP_INPUTS = ("world_id", "action", "seed", "step_index", "num_maskgit_steps", "temperature")
+GUIDANCE = "action_guidance"  # optional input (float64 per row); a request without it plays the model's own
 MAX_MASKGIT_STEPS = 256  # far above any useful count; bounds the work one request can ask for
 
 
@@ -57,15 +58,23 @@ class DynamicsService:
             raise PyTritonBadParameterError(f"actions must lie in 0..{self.config.num_actions} "
                                             f"({self.config.num_actions} = no action)")
 
-    def _valid_step(self, action: int, num_steps: int, temperature: float) -> bool:
+    def _valid_step(self, action: int, num_steps: int, temperature: float, guidance: float | None) -> bool:
         return (0 <= action < self.config.num_actions and 1 <= num_steps <= MAX_MASKGIT_STEPS
-                and math.isfinite(temperature) and temperature >= 0)
+                and math.isfinite(temperature) and temperature >= 0
+                and (guidance is None or math.isfinite(guidance) and guidance >= 0))
+
+    @staticmethod
+    def _guidance(requests: list[Request]) -> list[float | None]:
+        """Each row's action guidance, None for the rows of requests that did not send one."""
+        return [value for request in requests for value in (
+            request[GUIDANCE].reshape(-1).tolist() if GUIDANCE in request else [None] * len(request["world_id"]))]
 
     def step(self, requests: list[Request]) -> list[dict[str, np.ndarray]]:
         """A dynamic batch of world steps -> next-frame tokens [S] and a status per row."""
         inputs, counts = gather_rows(requests, STEP_INPUTS)
         ids = world_ids(inputs["world_id"])
         columns = {name: inputs[name].reshape(-1).tolist() for name in STEP_INPUTS[1:]}
+        guidance = self._guidance(requests)
         status = np.full((len(ids), 1), Status.OK, dtype=np.int8)
         tokens = np.zeros((len(ids), self.config.tokens_per_frame), dtype=np.int64)
         repeated = repeated_rows(ids)
@@ -73,12 +82,13 @@ class DynamicsService:
         with self.lock:
             for row, world_id in enumerate(ids):
                 action, seed, step_index, num_steps, temperature = (columns[name][row] for name in STEP_INPUTS[1:])
-                if row in repeated or not self._valid_step(action, num_steps, temperature):
+                if row in repeated or not self._valid_step(action, num_steps, temperature, guidance[row]):
                     status[row] = Status.INVALID
                 elif world_id not in self.engine.sessions or not self.ledger.fits(world_id, step_index):
                     status[row] = Status.NOT_CACHED
                 else:
-                    steps[row] = StepRequest(world_id, action, seed, step_index, num_steps, temperature)
+                    steps[row] = StepRequest(world_id, action, seed, step_index, num_steps, temperature,
+                                             guidance[row])
             if steps:
                 try:
                     tokens[list(steps)] = self.engine.step(list(steps.values())).cpu().numpy()
@@ -106,7 +116,8 @@ class DynamicsService:
                        Tensor(name="seed", dtype=np.int64, shape=(1,)),
                        Tensor(name="step_index", dtype=np.int64, shape=(1,)),
                        Tensor(name="num_maskgit_steps", dtype=np.int32, shape=(1,)),
-                       Tensor(name="temperature", dtype=np.float32, shape=(1,))]
+                       Tensor(name="temperature", dtype=np.float32, shape=(1,)),
+                       Tensor(name=GUIDANCE, dtype=np.float64, shape=(1,), optional=True)]
         step_outputs = [Tensor(name="tokens", dtype=np.int64, shape=(self.config.tokens_per_frame,)), status]
         return [
             Binding(protocol.DYNAMICS_START, self.start, start_inputs, [status], UNBATCHED),

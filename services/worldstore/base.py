@@ -29,6 +29,9 @@ class WorldRecord:
     actions: np.ndarray  # int [T]: the action that led into each of those frames
     last_frame: np.ndarray  # uint8 [H, W, 3]: frame number `step`
     last_action: int  # action that produced frame `step` (-1 for the prompt frame)
+    # The action pointer's scale this world plays with (None: its model has none; records written before
+    # the field existed load as None and play the model's own).
+    action_guidance: float | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 

@@ -209,6 +209,35 @@ def test_action_guidance_scales_the_action_pointer_when_sampling_and_not_in_trai
         torch.testing.assert_close(guided_loss, model.loss(clip, actions[:, 1:]).loss)
 
 
+def test_each_world_of_a_batch_plays_its_own_action_guidance(dynamics_config):
+    """Worlds stepped together with different guidance each get what they would alone; a world that sends
+    none plays the model's own (bit for bit as one that sends that value); the value changes the frame."""
+    from dataclasses import replace
+    config = replace(dynamics_config, copy_window=(1, 1), action_pointer=True, action_guidance=2.0,
+                     num_maskgit_steps=2, temperature=0.0)
+    torch.manual_seed(0)
+    model = DynamicsModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    history = torch.randint(0, config.num_codes, (2, config.tokens_per_frame))
+    guidance = [None, 2.0, 0.0, 0.25]
+
+    def step(engine: DynamicsEngine, worlds: list[int]) -> torch.Tensor:
+        return engine.step([StepRequest(world, 1, 5, 2, 2, 0.0, guidance[world]) for world in worlds])
+
+    together = DynamicsEngine(model, max_sessions=len(guidance))
+    for world in range(len(guidance)):
+        together.start(world, history, torch.tensor([config.num_actions, 1]))
+    batched = step(together, list(range(len(guidance))))
+    for world in range(len(guidance)):
+        alone = DynamicsEngine(model, max_sessions=1)
+        alone.start(world, history, torch.tensor([config.num_actions, 1]))
+        assert torch.equal(step(alone, [world])[0], batched[world]), f"guidance {guidance[world]}"
+    assert torch.equal(batched[0], batched[1])  # None: the model's own 2.0
+    assert not torch.equal(batched[1], batched[2]) and not torch.equal(batched[1], batched[3])
+
+
 def scrolling_clips(batch: int, frames: int, grid: int, num_codes: int, generator: torch.Generator):
     """Random token grids where action 1 scrolls the scene up one row (a new random bottom row) and action 0
     keeps it still -> (tokens [B, T, grid * grid], actions [B, T - 1])."""

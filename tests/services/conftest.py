@@ -30,17 +30,23 @@ from tests.services.triton_stack import triton_stack
 os.environ.setdefault("GENIE_GATEWAY_AUTH", "none")
 
 
-def tiny_world_model(context_frames: int = 4, seed: int = 0) -> WorldModel:
-    """seed: another seed gives another world of the same shape (e.g. a second published version)."""
+def tiny_world_model(context_frames: int = 4, seed: int = 0, action_pointer: bool = False) -> WorldModel:
+    """seed: another seed gives another world of the same shape (e.g. a second published version).
+    action_pointer: a dynamics model with the action pointer (guidance 2 by default), its table random (a
+    trained one is not zero), so that action guidance changes frames."""
     torch.manual_seed(seed)
     tokenizer = TokenizerConfig(image_size=32, patch_size=4, d_model=32, num_heads=2, encoder_layers=1,
                                 decoder_layers=1, num_codes=64, code_dim=8, context_frames=context_frames)
     lam = LAMConfig(image_size=32, patch_size=8, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1,
                     num_actions=4, context_frames=context_frames)
+    pointer = {"copy_window": (1, 1), "action_pointer": True, "action_guidance": 2.0} if action_pointer else {}
     dynamics = dynamics_config_for(tokenizer, lam, DynamicsConfig(d_model=32, num_heads=2, num_layers=2,
                                                                   context_frames=context_frames,
-                                                                  num_maskgit_steps=4))
-    return WorldModel(VideoTokenizer(tokenizer), LatentActionModel(lam), DynamicsModel(dynamics)).eval()
+                                                                  num_maskgit_steps=4, **pointer))
+    world = WorldModel(VideoTokenizer(tokenizer), LatentActionModel(lam), DynamicsModel(dynamics)).eval()
+    if action_pointer:
+        torch.nn.init.normal_(world.dynamics.action_pointer.weight, std=0.05)
+    return world
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -19,7 +20,8 @@ def _record(world_id: str, owner: str = "alice", step: int = 0) -> WorldRecord:
     rng = np.random.default_rng(step)
     return WorldRecord(world_id, owner, "m", seed=7, num_maskgit_steps=4, temperature=0.5, output_format=2,
                        step=step, tokens=rng.integers(0, 1024, (3, 4, 4)), actions=np.array([4, 1, 2]),
-                       last_frame=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), last_action=2)
+                       last_frame=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), last_action=2,
+                       action_guidance=2.5)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -46,6 +48,15 @@ def test_a_record_loads_back_equal_in_every_field(store):
     store.create(record)
     _assert_same(store.load("w1"), record)
     assert store.load("missing") is None
+
+
+def test_a_record_written_before_action_guidance_existed_loads_without_one():
+    record = _record("w1")
+    meta = json.loads(record.meta_json())
+    del meta["action_guidance"]
+    parts = record.array_bytes()
+    old = WorldRecord.from_parts(json.dumps(meta), parts["tokens"], parts["actions"], parts["frame"])
+    _assert_same(old, dataclasses.replace(record, action_guidance=None))  # None: it plays its model's own
 
 
 @pytest.mark.integration

@@ -35,14 +35,16 @@ class PromptImage(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("num_maskgit_steps", "temperature", "seed")
+    __slots__ = ("num_maskgit_steps", "temperature", "seed", "action_guidance")
     NUM_MASKGIT_STEPS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ACTION_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     num_maskgit_steps: int
     temperature: float
     seed: int
-    def __init__(self, num_maskgit_steps: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    action_guidance: float
+    def __init__(self, num_maskgit_steps: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., action_guidance: _Optional[float] = ...) -> None: ...
 
 class CreateWorldRequest(_message.Message):
     __slots__ = ("model", "prompt", "sampling", "output_format")
@@ -171,7 +173,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "history_frames", "window_frames", "versions", "latest_version", "loaded_versions")
+    __slots__ = ("name", "num_actions", "image_size", "default_num_maskgit_steps", "default_temperature", "history_frames", "window_frames", "versions", "latest_version", "loaded_versions", "has_action_guidance", "default_action_guidance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,8 @@ class Model(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    HAS_ACTION_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ACTION_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_actions: int
     image_size: int
@@ -192,7 +196,9 @@ class Model(_message.Message):
     versions: _containers.RepeatedScalarFieldContainer[int]
     latest_version: int
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., history_frames: _Optional[int] = ..., window_frames: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    has_action_guidance: bool
+    default_action_guidance: float
+    def __init__(self, name: _Optional[str] = ..., num_actions: _Optional[int] = ..., image_size: _Optional[int] = ..., default_num_maskgit_steps: _Optional[int] = ..., default_temperature: _Optional[float] = ..., history_frames: _Optional[int] = ..., window_frames: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., has_action_guidance: bool = ..., default_action_guidance: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
