@@ -33,9 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play = client_sub.add_parser("play", help="create a world from an image, play actions, save PNGs and a GIF")
     play.add_argument("--address", default="127.0.0.1:50051", help="gateway host:port")
     play.add_argument("--image", type=Path, required=True, help="prompt image (PNG or JPEG, any size)")
-    play.add_argument("--actions", default="0,1,2,3", help="comma-separated latent actions")
+    play.add_argument("--actions", type=action_list, default=[0, 1, 2, 3],
+                      help="comma-separated latent actions (default 0,1,2,3)")
     play.add_argument("--model", default="", help="model name (default: the gateway's first model)")
-    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    play.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the model's)")
+    play.add_argument("--maskgit-steps", type=passes, default=0,
+                      help="MaskGIT passes per frame (default 0: the model's)")
+    play.add_argument("--action-guidance", type=float,
+                      help="how strongly actions steer the frames, 0-100 (default: the model's; ListModels says "
+                           "which models take it)")
     play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
     add_caller_options(play, "gateway")
     play.set_defaults(handler=_client_play)
@@ -122,15 +129,58 @@ def _serve_gateway(args: argparse.Namespace) -> None:
     serve(settings)
 
 
+def action_list(text: str) -> list[int]:
+    """--actions: "0,1,2" -> [0, 1, 2]; anything else is refused with the word at fault."""
+    actions = []
+    for word in (part.strip() for part in text.split(",")):
+        if not word:
+            continue
+        if not word.isdigit():
+            raise argparse.ArgumentTypeError(f"{word!r} is not an action: give latent action numbers (0, 1, ...) "
+                                             f"separated by commas, e.g. 0,1,2")
+        actions.append(int(word))
+    return actions
+
+
+def passes(text: str) -> int:
+    """--maskgit-steps: a whole number of passes, 0 meaning the model's default."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of passes: give a whole number, 0 for the model's")
+    return int(text)
+
+
 def _client_play(args: argparse.Namespace) -> None:
+    import grpc
+
+    from genie.v1 import world_pb2 as pb
     from services.client import api_key_from, connect, play, save_frames
 
-    actions = [int(a) for a in args.actions.split(",") if a.strip()]
-    channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
-    with channel:
-        frames = play(stub, args.image, actions, args.model, args.seed)
+    sampling = pb.SamplingParams(seed=args.seed, num_maskgit_steps=args.maskgit_steps)
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.action_guidance is not None:
+        sampling.action_guidance = args.action_guidance
+    try:
+        channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
+        with channel:
+            world, frames = play(stub, args.image, args.actions, args.model, sampling)
+    except grpc.RpcError as error:  # the gateway's status says what to change: show it, not a traceback
+        raise SystemExit(f"genie client play: {error.code().name}: {error.details()}") from None
+    except OSError as error:  # the prompt image (or a key or CA file) cannot be read
+        raise SystemExit(f"genie client play: {error}") from None
     gif = save_frames(frames, args.out)
-    print(json.dumps({"frames": len(frames), "gif": str(gif)}))
+    print(json.dumps({"frames": len(frames), "gif": str(gif), "model": world.model,
+                      "model_version": world.model_version, "sampling": applied_sampling(world.sampling)}))
+
+
+def applied_sampling(sampling) -> dict:
+    """A world's SamplingParams as JSON, unset optional fields None, floats without float32 noise (0.3, not
+    0.30000001)."""
+    def optional(name: str) -> float | None:
+        return float(f"{getattr(sampling, name):.7g}") if sampling.HasField(name) else None
+
+    return {"seed": sampling.seed, "num_maskgit_steps": sampling.num_maskgit_steps,
+            "temperature": optional("temperature"), "action_guidance": optional("action_guidance")}
 
 
 def main(argv: list[str] | None = None) -> None:

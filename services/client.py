@@ -73,16 +73,17 @@ def frame_pixels(frame: pb.Frame) -> np.ndarray:
 
 
 def play(stub: world_pb2_grpc.WorldServiceStub, image: Path, actions: Sequence[int], model: str = "",
-         seed: int = 0) -> list[np.ndarray]:
-    """Creates a world from an image file and plays the actions over one Play stream -> all frames."""
+         sampling: pb.SamplingParams | None = None) -> tuple[pb.World, list[np.ndarray]]:
+    """Creates a world from an image file and plays the actions over one Play stream -> the world as created
+    (its sampling with the model's defaults filled in) and all frames, the prompt's first."""
     if not model:
         model = stub.ListModels(pb.ListModelsRequest()).models[0].name
     created = stub.CreateWorld(pb.CreateWorldRequest(model=model, prompt=pb.PromptImage(encoded=image.read_bytes()),
-                                                     sampling=pb.SamplingParams(seed=seed)))
+                                                     sampling=sampling))
     world_id = created.world.world_id
     try:
         requests = (pb.PlayRequest(world_id=world_id, action=action) for action in actions)
-        return [frame_pixels(created.frame)] + [frame_pixels(r.frame) for r in stub.Play(requests)]
+        return created.world, [frame_pixels(created.frame)] + [frame_pixels(r.frame) for r in stub.Play(requests)]
     finally:
         stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
 

@@ -4,7 +4,9 @@ and played alike by the in-process and Triton backends (bit for bit); a model wi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +14,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from genie.v1 import world_pb2 as pb
 from genie.v1 import world_pb2_grpc
+from services.cli import register
 from services.gateway.server import GatewayRuntime
 from tests.services.conftest import gateway_settings, tiny_world_model
 from tests.services.helpers import MODEL_NAME, create_request, open_channel, pixels_of
@@ -44,10 +48,17 @@ def serving(overrides: dict) -> Iterator[world_pb2_grpc.WorldServiceStub]:
 
 
 @pytest.fixture(scope="module")
-def guided_stub(guided_checkpoint) -> Iterator[world_pb2_grpc.WorldServiceStub]:
+def guided_gateway(guided_checkpoint) -> Iterator[GatewayRuntime]:
     """A gateway with the in-process backend serving the guided world."""
-    with serving({"backend": "inprocess", "models": {GUIDED: str(guided_checkpoint)}}) as stub:
-        yield stub
+    runtime = GatewayRuntime(gateway_settings({"backend": "inprocess", "models": {GUIDED: str(guided_checkpoint)}}))
+    yield runtime.start()
+    runtime.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def guided_stub(guided_gateway) -> Iterator[world_pb2_grpc.WorldServiceStub]:
+    with contextlib.closing(open_channel(guided_gateway.port)) as channel:
+        yield world_pb2_grpc.WorldServiceStub(channel)
 
 
 def guided_request(guidance: float | None, seed: int = 4) -> pb.CreateWorldRequest:
@@ -110,3 +121,53 @@ def test_a_model_without_an_action_pointer_refuses_guidance_and_says_so(stub):
     assert "has no action pointer, so action_guidance does not apply" in refused.value.details()
     world = stub.CreateWorld(create_request()).world  # unset is fine, and reported unset
     assert not world.sampling.HasField("action_guidance")
+
+
+def client_play(port: int, image: Path, out: Path, *options: str) -> None:
+    """`genie client play` as parsed by the CLI (its handler is called in this process)."""
+    parser = argparse.ArgumentParser(prog="genie")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["client", "play", "--address", f"127.0.0.1:{port}", "--image", str(image), "--out",
+                              str(out), "--seed", "4", "--actions", ",".join(map(str, ACTIONS)), *options])
+    args.handler(args)
+
+
+def test_client_play_sends_its_sampling_options_and_reports_what_the_world_played(guided_gateway, guided_stub,
+                                                                                 tmp_path, capsys):
+    image = tmp_path / "prompt.png"
+    image.write_bytes(guided_request(None).prompt.encoded)
+    client_play(guided_gateway.port, image, tmp_path / "guided", "--action-guidance", "0.5")
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == GUIDED and report["frames"] == len(ACTIONS) + 1
+    assert report["sampling"]["seed"] == 4 and report["sampling"]["action_guidance"] == 0.5
+    saved = np.stack([np.asarray(Image.open(tmp_path / "guided" / f"frame_{index:03d}.png"))
+                      for index in range(1, len(ACTIONS) + 1)])
+    np.testing.assert_array_equal(saved, np.stack(play(guided_stub, 0.5)[1]))  # as the API plays guidance 0.5
+
+    client_play(guided_gateway.port, image, tmp_path / "default", "--maskgit-steps", "2", "--temperature", "0.3")
+    report = json.loads(capsys.readouterr().out)
+    assert report["sampling"] == {"seed": 4, "num_maskgit_steps": 2, "temperature": 0.3, "action_guidance": 2.0}
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--action-guidance", "101"), "genie client play: INVALID_ARGUMENT: action_guidance must be a number from 0"),
+    (("--model", "no-such-world"), "genie client play: NOT_FOUND: no model named 'no-such-world'"),
+])
+def test_client_play_shows_the_gateways_refusal_in_one_line(guided_gateway, tmp_path, options, message):
+    image = tmp_path / "prompt.png"
+    image.write_bytes(guided_request(None).prompt.encoded)
+    with pytest.raises(SystemExit) as refused:
+        client_play(guided_gateway.port, image, tmp_path / "out", *options)
+    assert str(refused.value.code).startswith(message) and "\n" not in str(refused.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_client_play_refuses_bad_options_before_calling(guided_gateway, tmp_path, capsys):
+    with pytest.raises(SystemExit) as missing:
+        client_play(guided_gateway.port, tmp_path / "no-such.png", tmp_path / "out")
+    assert "genie client play: " in str(missing.value.code) and "no-such.png" in str(missing.value.code)
+    for options, message in ((("--actions", "1,x"), "'x' is not an action"),
+                             (("--maskgit-steps", "-1"), "'-1' is not a number of passes")):
+        with pytest.raises(SystemExit) as refused:
+            client_play(guided_gateway.port, tmp_path / "no-such.png", tmp_path / "out", *options)
+        assert refused.value.code == 2 and message in capsys.readouterr().err
