@@ -136,7 +136,11 @@ def _add_world_commands(subparsers) -> None:
                                  "shown and saved; q, quit, exit, Ctrl-D or Ctrl-C to stop")
     play.add_argument("--world", type=Path, required=True)
     play.add_argument("--image", type=Path, required=True, help="prompt image, any size")
-    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    play.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the world's)")
+    play.add_argument("--maskgit-steps", type=int, help="MaskGIT passes per frame (default: the world's)")
+    play.add_argument("--action-guidance", type=float,
+                      help="how strongly actions steer the frames, 1 = as trained (default: the world's)")
     play.add_argument("--out", type=Path, default=Path("play"), help="folder for frame PNGs and play.gif")
     play.add_argument("--no-show", dest="show", action="store_false", help="do not draw frames in the terminal")
     play.set_defaults(handler=_run_play)
@@ -185,7 +189,8 @@ def _run_play(args) -> None:
     from genie_models.world import World
     from genie_models.world_model import WorldModel
     model = WorldModel.load(args.world)
-    world = World(model, seed=args.seed)
+    world = World(model, seed=args.seed, num_maskgit_steps=args.maskgit_steps, temperature=args.temperature,
+                  action_guidance=args.action_guidance)
     TerminalGame(world, model.num_actions, args.out, show_frames=args.show).play(world.reset(Image.open(args.image)))
 
 

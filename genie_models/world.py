@@ -5,6 +5,7 @@ KV caches, step count and seed; worlds join and leave freely. `World` is the one
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ class WorldState:
     seed: int
     num_maskgit_steps: int
     temperature: float
+    action_guidance: float | None = None  # the action pointer's scale (None: the model's own)
     step_count: int = 0  # frames generated so far
 
 
@@ -40,19 +42,31 @@ class WorldPool:
         return self.dynamics.sessions.num_slots
 
     @torch.no_grad()
-    def create(self, prompt, seed: int = 0, num_maskgit_steps: int | None = None,
-               temperature: float | None = None) -> tuple[int, np.ndarray]:
-        """Start a world from prompt image(s); returns (world id, the prompt's last frame as the model sees it)."""
+    def create(self, prompt, seed: int = 0, num_maskgit_steps: int | None = None, temperature: float | None = None,
+               action_guidance: float | None = None) -> tuple[int, np.ndarray]:
+        """Start a world from prompt image(s); returns (world id, the prompt's last frame as the model sees it).
+        None: the model's default for that sampling setting."""
         if len(self.worlds) >= self.max_worlds:
             raise RuntimeError(f"this pool already holds its maximum of {self.max_worlds} worlds")
         config = self.model.dynamics.config
+        if num_maskgit_steps is not None and num_maskgit_steps < 0:
+            raise ValueError(f"num_maskgit_steps must be >= 0 (0: this world's {config.num_maskgit_steps}), "
+                             f"got {num_maskgit_steps}")
+        if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        if action_guidance is not None and not config.action_pointer:
+            raise ValueError("this world's dynamics model has no action pointer, so action guidance does not apply")
+        if action_guidance is not None and not (math.isfinite(action_guidance) and action_guidance >= 0):
+            raise ValueError(f"action guidance must be a finite number >= 0 (1 = as trained, this world's default "
+                             f"is {config.action_guidance:g}), got {action_guidance}")
         frames = torch.from_numpy(prepare_prompt(prompt, self.model.image_size)).to(self.device)
         tokens = self.model.tokenizer.encode(frames[None])[0]  # [T, h, w]
         world_id = next(self._ids)
         self.dynamics.start(world_id, tokens.flatten(1), self._prompt_actions(frames))
         decoded = self.decoder.start(world_id, tokens)
         self.worlds[world_id] = WorldState(seed, num_maskgit_steps or config.num_maskgit_steps,
-                                           config.temperature if temperature is None else temperature)
+                                           config.temperature if temperature is None else temperature,
+                                           action_guidance)
         return world_id, decoded[-1].cpu().numpy()
 
     def _prompt_actions(self, frames: torch.Tensor) -> torch.Tensor:
@@ -73,9 +87,9 @@ class WorldPool:
         for world_id, action in actions.items():
             self._check(world_id, action)
         ids = list(actions)
-        requests = [StepRequest(world_id, actions[world_id], self.worlds[world_id].seed,
-                                self.worlds[world_id].step_count, self.worlds[world_id].num_maskgit_steps,
-                                self.worlds[world_id].temperature) for world_id in ids]
+        states = [self.worlds[world_id] for world_id in ids]
+        requests = [StepRequest(world_id, actions[world_id], state.seed, state.step_count, state.num_maskgit_steps,
+                                state.temperature, state.action_guidance) for world_id, state in zip(ids, states)]
         grid = self.model.tokenizer.config.grid_size
         tokens = self.dynamics.step(requests).reshape(len(ids), grid, grid)
         frames = self.decoder.decode(ids, tokens).cpu().numpy()
@@ -99,15 +113,17 @@ class World:
     """One playable world: `reset(prompt) -> frame`, then `step(action) -> frame`, deterministic per seed."""
 
     def __init__(self, model: WorldModel, seed: int = 0, num_maskgit_steps: int | None = None,
-                 temperature: float | None = None, device: torch.device | str = "cpu"):
+                 temperature: float | None = None, device: torch.device | str = "cpu",
+                 action_guidance: float | None = None):
         self.pool = WorldPool(model, max_worlds=1, device=device)
-        self.seed, self.num_maskgit_steps, self.temperature = seed, num_maskgit_steps, temperature
+        self.sampling = {"seed": seed, "num_maskgit_steps": num_maskgit_steps, "temperature": temperature,
+                         "action_guidance": action_guidance}
         self.world_id: int | None = None
 
     def reset(self, prompt) -> np.ndarray:
         if self.world_id is not None:
             self.pool.close(self.world_id)
-        self.world_id, frame = self.pool.create(prompt, self.seed, self.num_maskgit_steps, self.temperature)
+        self.world_id, frame = self.pool.create(prompt, **self.sampling)
         return frame
 
     def step(self, action: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from genie_models.checkpoints import latest_checkpoint
 from genie_models.data import EpisodeDataset, generate_coinrun
+from genie_models.dynamics import DYNAMICS_PRESETS
 from genie_models.world_model import WorldModel
 from tests.services.helpers import free_port, open_channel
 
@@ -221,6 +222,18 @@ def test_play_quits_cleanly_on_quit_words_and_end_of_input(demo_dir, tmp_path, s
     assert f"saved {steps + 1} frames" in result.stdout and "\u2580" not in result.stdout
 
 
+def test_play_takes_the_worlds_sampling_options_and_names_a_bad_one(demo_dir, tmp_path):
+    result = run_line(readme_play_command(), demo_dir, "--out", str(tmp_path / "game"), "--no-show",
+                      "--temperature", "0.5", "--maskgit-steps", "2", "--action-guidance", "1.5", stdin="1 2\nq\n")
+    assert "saved 3 frames" in result.stdout
+    command = readme_play_command() + " --no-show --action-guidance -1"
+    refused = subprocess.run(["bash", "-c", command], cwd=demo_dir, input="q\n", capture_output=True, text=True,
+                             timeout=120, env=os.environ | {"PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"})
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("genie play: error: action guidance must be a finite "
+                                                              "number >= 0 (1 = as trained, this world's default is 3)")
+
+
 def test_play_rejects_bad_input_with_a_hint_and_keeps_playing(demo_dir, tmp_path):
     result = run_line(readme_play_command(), demo_dir, "--out", str(tmp_path), "--no-show",
                       stdin="q1\n8\n1 x 2\n-1\n0,1\nq\n")
@@ -285,6 +298,11 @@ def test_readme_serving_lines_serve_a_world_and_client_play_saves_frames(demo_di
         if server.poll() is None:
             server.kill()
             server.wait()
-    assert json.loads(result.stdout) == {"frames": 5, "gif": "frames/play.gif"}  # the prompt + actions 1,1,2,0
+    report = json.loads(result.stdout)
+    assert report["frames"] == 5 and report["gif"] == "frames/play.gif"  # the prompt + actions 1,1,2,0
+    tiny = DYNAMICS_PRESETS["tiny"]  # the sampling the world played: unset options are the world's own
+    assert report["model"] == "coinrun" and report["sampling"] == {
+        "seed": 0, "num_maskgit_steps": tiny.num_maskgit_steps, "temperature": tiny.temperature,
+        "action_guidance": tiny.action_guidance}
     assert (demo_dir / "frames/play.gif").exists()
     assert Image.open(demo_dir / "frames/frame_004.png").size == (64, 64)

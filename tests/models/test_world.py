@@ -3,6 +3,7 @@ memory/time over thousands of steps; plus the world checkpoint round trip and ta
 
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -148,3 +149,36 @@ def test_a_rebuild_from_the_last_frames_at_their_positions_continues_bit_identic
     for _ in range(3):
         stepped = engine.step(request)
         assert torch.equal(stepped[0], stepped[1])
+
+
+def test_each_world_plays_its_own_sampling_and_bad_settings_are_refused(world_model, tokenizer_config, lam_config,
+                                                                        dynamics_config):
+    torch.manual_seed(0)
+    pointer = replace(dynamics_config, copy_window=(1, 1), action_pointer=True, action_guidance=2.0)
+    guided = WorldModel(VideoTokenizer(tokenizer_config), LatentActionModel(lam_config),
+                        DynamicsModel(dynamics_config_for(tokenizer_config, lam_config, pointer))).eval()
+    torch.nn.init.normal_(guided.dynamics.action_pointer.weight, std=0.5)  # a trained table is not zero
+    actions = (1, 2, 3, 1, 0, 2)
+
+    def play(**sampling) -> np.ndarray:
+        world = World(guided, seed=3, **sampling)
+        world.reset(_image(16, 16))
+        return np.stack([world.step(action) for action in actions])
+
+    default, weak = play(), play(action_guidance=0.0)
+    np.testing.assert_array_equal(default, play(action_guidance=2.0))  # unset: the world's own
+    pool = WorldPool(guided, max_worlds=2)
+    ids = [pool.create(_image(16, 16), seed=3)[0], pool.create(_image(16, 16), seed=3, action_guidance=0.0)[0]]
+    steps = [pool.step({world_id: action for world_id in ids}) for action in actions]
+    batched = [np.stack([step[world_id] for step in steps]) for world_id in ids]
+    for frames, alone, other in zip(batched, (default, weak), (weak, default)):  # each as it plays alone
+        error = np.abs(frames.astype(int) - alone.astype(int)).mean()
+        assert error < 1.0 < np.abs(frames.astype(int) - other.astype(int)).mean()
+    with pytest.raises(ValueError, match="no action pointer"):
+        World(world_model, action_guidance=1.0).reset(_image(16, 16))
+    for bad, message in (({"action_guidance": -1.0}, "action guidance must be"),
+                         ({"action_guidance": float("nan")}, "action guidance must be"),
+                         ({"temperature": float("inf")}, "temperature must be"),
+                         ({"num_maskgit_steps": -2}, "num_maskgit_steps must be")):
+        with pytest.raises(ValueError, match=message):
+            World(guided, **bad).reset(_image(16, 16))
