@@ -6,7 +6,9 @@ Found by genie_models.cli through the entry point group `genie.cli` (services = 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from genie_models.allocator import keep_freed_memory
@@ -46,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument("--out", type=Path, required=True, help="directory for frame_*.png and play.gif")
     add_caller_options(play, "gateway")
     play.set_defaults(handler=_client_play)
+    models = client_sub.add_parser("models", help="list the gateway's models: actions, frame size, versions and "
+                                   "sampling defaults (ListModels as JSON)")
+    models.add_argument("--address", default="127.0.0.1:50051", help="gateway host:port")
+    add_caller_options(models, "gateway")
+    models.set_defaults(handler=_client_models)
 
 
 def add_caller_options(parser: argparse.ArgumentParser, server: str) -> None:
@@ -149,38 +156,54 @@ def passes(text: str) -> int:
     return int(text)
 
 
-def _client_play(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def gateway_stub(args: argparse.Namespace) -> Iterator:
+    """A WorldService stub for `genie client COMMAND`; the gateway's refusal, or a file that cannot be read (prompt,
+    key, CA), ends the command with one line naming it (exit 1) instead of a traceback."""
     import grpc
 
+    from services.client import api_key_from, connect
+
+    try:
+        channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
+        with channel:
+            yield stub
+    except grpc.RpcError as error:  # the status says what to change
+        raise SystemExit(f"genie client {args.client_command}: {error.code().name}: {error.details()}") from None
+    except OSError as error:
+        raise SystemExit(f"genie client {args.client_command}: {error}") from None
+
+
+def _client_play(args: argparse.Namespace) -> None:
     from genie.v1 import world_pb2 as pb
-    from services.client import api_key_from, connect, play, save_frames
+    from services.client import play, save_frames
 
     sampling = pb.SamplingParams(seed=args.seed, num_maskgit_steps=args.maskgit_steps)
     if args.temperature is not None:
         sampling.temperature = args.temperature
     if args.action_guidance is not None:
         sampling.action_guidance = args.action_guidance
-    try:
-        channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
-        with channel:
-            world, frames = play(stub, args.image, args.actions, args.model, sampling)
-    except grpc.RpcError as error:  # the gateway's status says what to change: show it, not a traceback
-        raise SystemExit(f"genie client play: {error.code().name}: {error.details()}") from None
-    except OSError as error:  # the prompt image (or a key or CA file) cannot be read
-        raise SystemExit(f"genie client play: {error}") from None
+    with gateway_stub(args) as stub:
+        world, frames = play(stub, args.image, args.actions, args.model, sampling)
     gif = save_frames(frames, args.out)
     print(json.dumps({"frames": len(frames), "gif": str(gif), "model": world.model,
-                      "model_version": world.model_version, "sampling": applied_sampling(world.sampling)}))
+                      "model_version": world.model_version, "sampling": proto_json(world.sampling)}))
 
 
-def applied_sampling(sampling) -> dict:
-    """A world's SamplingParams as JSON, unset optional fields None, floats without float32 noise (0.3, not
-    0.30000001)."""
-    def optional(name: str) -> float | None:
-        return float(f"{getattr(sampling, name):.7g}") if sampling.HasField(name) else None
+def _client_models(args: argparse.Namespace) -> None:
+    from genie.v1 import world_pb2 as pb
 
-    return {"seed": sampling.seed, "num_maskgit_steps": sampling.num_maskgit_steps,
-            "temperature": optional("temperature"), "action_guidance": optional("action_guidance")}
+    with gateway_stub(args) as stub:
+        listed = stub.ListModels(pb.ListModelsRequest())
+    print(json.dumps(proto_json(listed), indent=2))
+
+
+def proto_json(message) -> dict:
+    """A genie.v1 message in protobuf's JSON mapping (field names as in the .proto, zero values shown, 64-bit
+    integers as strings), as backend teams see it from any other gRPC client."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def main(argv: list[str] | None = None) -> None:

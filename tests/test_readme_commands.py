@@ -292,6 +292,8 @@ def test_readme_serving_lines_serve_a_world_and_client_play_saves_frames(demo_di
         wait_serving(port, server)
         result = run_line(readme_command(SERVING_HEADING, "genie client play"), demo_dir,
                           "--address", f"127.0.0.1:{port}")
+        listed = run_line(readme_command(SERVING_HEADING, "genie client models"), demo_dir,
+                          "--address", f"127.0.0.1:{port}")
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     finally:
@@ -301,8 +303,10 @@ def test_readme_serving_lines_serve_a_world_and_client_play_saves_frames(demo_di
     report = json.loads(result.stdout)
     assert report["frames"] == 5 and report["gif"] == "frames/play.gif"  # the prompt + actions 1,1,2,0
     tiny = DYNAMICS_PRESETS["tiny"]  # the sampling the world played: unset options are the world's own
+    [model] = json.loads(listed.stdout)["models"]
+    assert model["name"] == "coinrun" and model["default_action_guidance"] == tiny.action_guidance
     assert report["model"] == "coinrun" and report["sampling"] == {
-        "seed": 0, "num_maskgit_steps": tiny.num_maskgit_steps, "temperature": tiny.temperature,
+        "seed": "0", "num_maskgit_steps": tiny.num_maskgit_steps, "temperature": tiny.temperature,
         "action_guidance": tiny.action_guidance}
     assert (demo_dir / "frames/play.gif").exists()
     assert Image.open(demo_dir / "frames/frame_004.png").size == (64, 64)

@@ -123,13 +123,28 @@ def test_a_model_without_an_action_pointer_refuses_guidance_and_says_so(stub):
     assert not world.sampling.HasField("action_guidance")
 
 
-def client_play(port: int, image: Path, out: Path, *options: str) -> None:
-    """`genie client play` as parsed by the CLI (its handler is called in this process)."""
+def genie_client(*arguments: str) -> None:
+    """`genie client ...` as parsed by the CLI (its handler is called in this process)."""
     parser = argparse.ArgumentParser(prog="genie")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["client", "play", "--address", f"127.0.0.1:{port}", "--image", str(image), "--out",
-                              str(out), "--seed", "4", "--actions", ",".join(map(str, ACTIONS)), *options])
+    args = parser.parse_args(["client", *arguments])
     args.handler(args)
+
+
+def client_play(port: int, image: Path, out: Path, *options: str) -> None:
+    genie_client("play", "--address", f"127.0.0.1:{port}", "--image", str(image), "--out", str(out), "--seed", "4",
+                 "--actions", ",".join(map(str, ACTIONS)), *options)
+
+
+def test_client_models_lists_what_a_caller_needs_to_create_a_world(guided_gateway, capsys):
+    genie_client("models", "--address", f"127.0.0.1:{guided_gateway.port}")
+    [model] = json.loads(capsys.readouterr().out)["models"]
+    assert model["name"] == GUIDED and model["num_actions"] == 4 and model["image_size"] == 32
+    assert model["has_action_guidance"] and model["default_action_guidance"] == 2.0
+    assert model["default_num_maskgit_steps"] == 4 and model["versions"] == []
+    with pytest.raises(SystemExit) as refused:
+        genie_client("models", "--address", f"127.0.0.1:{guided_gateway.port}", "--ca-file", "no-such-ca.pem")
+    assert str(refused.value.code).startswith("genie client models: ") and "no-such-ca.pem" in str(refused.value.code)
 
 
 def test_client_play_sends_its_sampling_options_and_reports_what_the_world_played(guided_gateway, guided_stub,
@@ -139,14 +154,14 @@ def test_client_play_sends_its_sampling_options_and_reports_what_the_world_playe
     client_play(guided_gateway.port, image, tmp_path / "guided", "--action-guidance", "0.5")
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == GUIDED and report["frames"] == len(ACTIONS) + 1
-    assert report["sampling"]["seed"] == 4 and report["sampling"]["action_guidance"] == 0.5
+    assert report["sampling"]["seed"] == "4" and report["sampling"]["action_guidance"] == 0.5  # protobuf's JSON
     saved = np.stack([np.asarray(Image.open(tmp_path / "guided" / f"frame_{index:03d}.png"))
                       for index in range(1, len(ACTIONS) + 1)])
     np.testing.assert_array_equal(saved, np.stack(play(guided_stub, 0.5)[1]))  # as the API plays guidance 0.5
 
     client_play(guided_gateway.port, image, tmp_path / "default", "--maskgit-steps", "2", "--temperature", "0.3")
     report = json.loads(capsys.readouterr().out)
-    assert report["sampling"] == {"seed": 4, "num_maskgit_steps": 2, "temperature": 0.3, "action_guidance": 2.0}
+    assert report["sampling"] == {"seed": "4", "num_maskgit_steps": 2, "temperature": 0.3, "action_guidance": 2.0}
 
 
 @pytest.mark.parametrize("options, message", [
