@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Replica:
     address: str
     client: ServiceClient
-    live: bool = True  # False after a call could not reach it, until a probe finds it ready again
+    live: bool = True  # False after a call could not reach it or timed out, until its process answers a probe
     worlds: set[str] = field(default_factory=set)
 
 
@@ -51,7 +51,8 @@ class ReplicaSet:
 
     def refresh(self) -> None:
         """Re-reads discovery (keeping the known replicas when names cannot be looked up now), then probes
-        the replicas marked down. A malformed endpoint raises ValueError."""
+        the replicas marked down with a request their own process must answer (Triton's health says ready while
+        that process hangs). A malformed endpoint raises ValueError."""
         try:
             self._update(self._discovery.resolve(self.endpoint))
         except OSError as error:
@@ -60,7 +61,7 @@ class ReplicaSet:
         with self._lock:
             down = [replica for replica in self._replicas.values() if not replica.live]
         for replica in down:
-            if replica.client.ready():
+            if replica.client.answers():
                 with self._lock:
                     replica.live = True
                     self._publish()
@@ -132,15 +133,16 @@ class ReplicaSet:
             candidates = self._reachable()
             return candidates[next(self._turn) % len(candidates)]
 
-    def down(self, address: str) -> bool:
-        """Marks the replica at address down (a call could not reach it) and re-pins its worlds to live replicas.
-        -> whether a live replica is left to take over; if not, the worlds stay (the replica may come back)."""
+    def down(self, address: str, why: object = "a call could not reach it") -> bool:
+        """Marks the replica at address down (a call could not reach it, or got no answer before the deadline) and
+        re-pins its worlds to live replicas. -> whether a live replica is left to take over; if not, the worlds
+        stay (the replica may come back)."""
         with self._lock:
             replica = self._replicas.get(address)
             if replica is not None:
                 if replica.live:
-                    log.warning("%s replica %s of %s is down; moving its %d worlds", self.kind, address,
-                                self.model, len(replica.worlds))
+                    log.warning("%s replica %s of %s is down (%s); moving its %d worlds", self.kind, address,
+                                self.model, why, len(replica.worlds))
                 replica.live = False
                 self._evacuate(replica, removed=False)
                 self._publish()

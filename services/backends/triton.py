@@ -5,7 +5,8 @@ evicted a world answers "not cached", which surfaces as WorldsNotCached so the g
 A published version is loaded into a name's services (run with --catalog) through their `control` model and
 served under versioned Triton model names, so old and new versions play side by side in the same processes.
 Each service may run as several replicas (found by a discovery plugin); each world is pinned to one replica of
-each kind (services/backends/replicas.py), and a replica that cannot be reached hands its worlds to live ones.
+each kind (services/backends/replicas.py), and a replica that cannot be reached, or hangs (no answer before the
+step deadline), hands its worlds to live ones.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from services.metrics import GatewayMetrics
 from services.settings import GatewaySettings
 from services.stores.catalog import ModelCatalog, ModelVersion, split_key
 from services.triton import protocol
-from services.triton.client import (ClientTLS, ModelMissing, ReplicaUnavailable, ServiceClient, ServiceDown,
-                                    ids_column)
+from services.triton.client import (ClientTLS, ModelMissing, ReplicaTimedOut, ReplicaUnavailable, ServiceClient,
+                                    ServiceDown, ids_column)
 from services.triton.protocol import Status
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ class WorldServices:
         return [world_id for world_id in world_ids if world_id in moved]
 
     def lost(self, error: Exception) -> bool:
-        """Whether error says its replica is gone: unreachable, or without a fixed model's models (it is stopping).
-        A --catalog replica without a version is asked to load it instead (TritonBackend._reloaded)."""
-        return isinstance(error, ServiceDown) or isinstance(error, ModelMissing) and self.version is None
+        """Whether error says its replica is gone: unreachable, hung (no answer before the deadline), or without a
+        fixed model's models (it is stopping). A --catalog replica without a version is asked to load it instead
+        (TritonBackend._reloaded)."""
+        return (isinstance(error, (ServiceDown, ReplicaTimedOut))
+                or isinstance(error, ModelMissing) and self.version is None)
 
 
 T = TypeVar("T")
@@ -86,7 +89,7 @@ def _failing_over(services: WorldServices, replicas: ReplicaSet, call: Callable[
         try:
             return call()
         except ReplicaUnavailable as error:
-            if not services.lost(error) or not replicas.down(error.url):
+            if not services.lost(error) or not replicas.down(error.url, error):
                 raise
     return call()
 
@@ -370,8 +373,8 @@ class TritonBackend:
     def _per_replica(self, services: WorldServices, replicas: ReplicaSet, steps: Sequence[WorldStep], model: str,
                      request: Callable[[Sequence[int]], dict[str, np.ndarray]], output: str) -> np.ndarray:
         """Each replica gets its own worlds' rows (a request per chunk), all in flight at once; the answers come
-        back in the order of steps. A replica that cannot be reached hands its worlds to live replicas, and
-        then every world of the batch is rebuilt: those on healthy replicas may have advanced already."""
+        back in the order of steps. A replica that cannot be reached or hangs hands its worlds to live replicas,
+        and then every world of the batch is rebuilt: those on healthy replicas may have advanced already."""
         groups: dict[Replica, list[int]] = {}
         for row, replica in enumerate(replicas.route([step.world_id for step in steps])):
             groups.setdefault(replica, []).append(row)
@@ -385,7 +388,7 @@ class TritonBackend:
                 errors.append(error)
         lost = [error for error in errors if services.lost(error)]
         if lost:
-            if all([replicas.down(error.url) for error in lost]):
+            if all([replicas.down(error.url, error) for error in lost]):
                 raise WorldsNotCached([step.world_id for step in steps]) from lost[0]
             raise lost[0]
         if errors:
@@ -423,7 +426,7 @@ class TritonBackend:
                     except ReplicaUnavailable as error:
                         if not services.lost(error):
                             raise
-                        replicas.down(error.url)
+                        replicas.down(error.url, error)
             finally:
                 replicas.forget(world_id)
 

@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.backends.base import BackendError, ModelUnavailable
+from services.triton import protocol
 
 # gRPC statuses meaning "the service is down, restarting, overloaded or not loaded": try again later.
 UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND",
@@ -43,6 +44,31 @@ class ServiceDown(ReplicaUnavailable):
 
 class ModelMissing(ReplicaUnavailable):
     """The service is up but has no such model: it is stopping, or (--catalog) has not bound this version."""
+
+
+class ReplicaTimedOut(ReplicaUnavailable):
+    """The service took a request but gave no answer before the deadline: its process hangs (a deadlock, SIGSTOP)
+    or is far behind. Its worlds move to live replicas, as a lost replica's do; it takes worlds again once its own
+    process answers (ServiceClient.answers)."""
+
+
+def process_answers(client: grpcclient.InferenceServerClient, timeout_s: float) -> bool:
+    """Whether a model service's own Python process answers a request within timeout_s. Triton's health endpoints
+    cannot tell: tritonserver answers them while the process that runs our models hangs. The request is the `info`
+    model of a service with a fixed world or, for a --catalog service (no `info` until a version is bound), a control
+    command it refuses at once without touching any version."""
+    try:
+        client.infer(protocol.INFO, to_inputs({"query": np.array([b""], dtype=object)}), client_timeout=timeout_s)
+        return True
+    except InferenceServerException as error:
+        if UNKNOWN_MODEL not in str(error).lower():  # tritonserver answers that itself: try the catalog way
+            return False
+    try:
+        client.infer(protocol.CONTROL, to_inputs({"command": np.array([b"probe"], dtype=object)}),
+                     client_timeout=timeout_s)
+    except InferenceServerException as error:
+        return "not JSON" in str(error)  # refused by our own process: it answers
+    return True
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -111,6 +137,9 @@ class ServiceClient:
 
     def _error(self, error: InferenceServerException) -> Exception:
         message = error.message() or str(error)
+        if error.status() == "StatusCode.DEADLINE_EXCEEDED":
+            return ReplicaTimedOut(f"{self.what} at {self.url} did not answer before the deadline: {message}",
+                                   self.url)
         if error.status() == "StatusCode.UNAVAILABLE" and not MODEL_UNAVAILABLE.search(message):
             return ServiceDown(f"{self.what} at {self.url} is unavailable: {message}", self.url)
         if UNKNOWN_MODEL in message.lower():
@@ -149,7 +178,7 @@ class ServiceClient:
         # The client deadline settles every future; the margin only guards against a lost callback.
         _, pending = wait(futures, timeout=self.timeout_s + 5)
         if pending:
-            raise ModelUnavailable(f"{self.what} at {self.url} did not answer within {self.timeout_s} s")
+            raise ReplicaTimedOut(f"{self.what} at {self.url} did not answer within {self.timeout_s} s", self.url)
         errors = [future.exception() for future in futures if future.exception() is not None]
         if errors:
             raise self._error(errors[0]) from errors[0]
@@ -170,6 +199,10 @@ class ServiceClient:
             return self.client.is_server_ready(client_timeout=timeout_s)
         except InferenceServerException:
             return False
+
+    def answers(self, timeout_s: float = 2.0) -> bool:
+        """Whether the service's own process answers now (the probe of a replica that was down or hung)."""
+        return process_answers(self.client, timeout_s)
 
     def close(self) -> None:
         self.client.close()

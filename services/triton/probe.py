@@ -15,28 +15,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
-from services.triton import protocol
-from services.triton.client import ClientTLS, to_inputs
+from services.triton.client import ClientTLS, process_answers
 
 
 def answers(url: str, timeout_s: float, tls: ClientTLS | None = None) -> bool:
     with contextlib.closing(grpcclient.InferenceServerClient(url, **(tls.client_options() if tls else {}))) as client:
-        try:
-            client.infer(protocol.INFO, to_inputs({"query": np.array([b""], dtype=object)}), client_timeout=timeout_s)
-            return True
-        except InferenceServerException as error:
-            if "unknown model" not in str(error).lower():  # tritonserver answers that itself: try the catalog way
-                return False
-        try:
-            client.infer(protocol.CONTROL, to_inputs({"command": np.array([b"probe"], dtype=object)}),
-                         client_timeout=timeout_s)
-        except InferenceServerException as error:
-            return "not JSON" in str(error)  # refused by our own process: it answers
-        return True
+        return process_answers(client, timeout_s)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -7,11 +7,14 @@ The integration test runs two real dynamics services (the stack's and one more) 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -191,6 +194,78 @@ def triton_metric(url: str, name: str, model: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def step_as_a_careful_client(stub, world_id: str, number: int, action_: int) -> tuple[np.ndarray, int]:
+    """StepWorld producing step `number`; a step that missed its deadline may still complete, so it is asked again
+    with expected_step, which answers with that step's frame instead of stepping twice. -> (frame, deadlines missed)"""
+    for missed in range(3):
+        try:
+            request = pb.StepWorldRequest(world_id=world_id, action=action_, expected_step=number)
+            return pixels_of(stub.StepWorld(request).frame), missed
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+    raise AssertionError(f"world {world_id}'s step {number} missed its deadline three times")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_worlds_move_off_a_hung_replica_which_takes_worlds_again_once_its_process_answers(two_dynamics,
+                                                                                         world_checkpoint):
+    """The second replica's Python process is SIGSTOPped (a hang: its tritonserver still says ready and takes
+    requests nobody answers). Its worlds' next step misses the deadline once, they move to the live replica and
+    play on bit-identically to their twins; the hung replica stays out (health alone would take it back at once).
+    Resumed, it is taken back once its own process answers, and takes the next new world."""
+    stack, second = two_dynamics
+    first = stack.services["dynamics"]
+    overrides = stack.overrides()
+    overrides["triton_endpoints"][MODEL_NAME]["dynamics"] = f"{first.url},{second.url}"
+    # The deadline is the step deadline: long enough for any healthy round on a loaded 2-core machine.
+    overrides |= {"discovery_refresh_s": 0.5, "step_deadline_s": 6.0}
+    with serving({"backend": "inprocess", "models": {MODEL_NAME: str(world_checkpoint)}}) as (_, twin_stub):
+        twins = play(twin_stub)
+
+    with serving(overrides) as (runtime, stub), contextlib.closing(
+            ServiceClient(second.url, "second dynamics replica", 2**20, timeout_s=5.0)) as second_client:
+        def dynamics_sample(name: str, **labels: str) -> float | None:
+            return runtime.metrics.registry.get_sample_value(name, {"model": MODEL_NAME, "kind": "dynamics", **labels})
+
+        replies = [stub.CreateWorld(create_request(seed=seed)) for seed in range(WORLDS)]
+        created, frames = [reply.world.world_id for reply in replies], [[pixels_of(reply.frame)] for reply in replies]
+        missed = 0
+        try:
+            with ThreadPoolExecutor(WORLDS) as pool:
+                for round_ in range(ROUNDS):
+                    if round_ == KILL_IN_ROUND:
+                        assert dynamics_sample("genie_replica_worlds", replica=second.url) == WORLDS / 2
+                        os.kill(second.process.pid, signal.SIGSTOP)
+                    steps = pool.map(lambda world: step_as_a_careful_client(
+                        stub, created[world], round_ + 1, action(world, round_)), range(WORLDS))
+                    for world, (frame, deadlines) in enumerate(steps):
+                        frames[world].append(frame)
+                        missed += deadlines
+            time.sleep(2.0)  # four probe rounds while it still hangs
+            assert second_client.ready() and not second_client.answers()  # what the prober must see through
+            assert dynamics_sample("genie_replicas_live") == 1, "a hung replica was taken back"
+        finally:
+            os.kill(second.process.pid, signal.SIGCONT)
+        for world, (got, want) in enumerate(zip(frames, twins)):
+            assert_same_frames(got, want, world)
+        assert WORLDS / 2 <= missed <= WORLDS  # the hung replica's worlds once (the others if in their batch)
+        assert dynamics_sample("genie_world_repins_total") == WORLDS / 2
+        assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS
+
+        deadline = time.monotonic() + 30
+        while dynamics_sample("genie_replicas_live") != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dynamics_sample("genie_replicas_live") == 2, "the resumed replica was not taken back"
+        newcomer = stub.CreateWorld(create_request(seed=0)).world.world_id
+        frame, deadlines = step_as_a_careful_client(stub, newcomer, 1, action(0, 0))
+        np.testing.assert_array_equal(frame, twins[0][1])
+        assert deadlines == 0 and dynamics_sample("genie_replica_worlds", replica=second.url) == 1
+        for world_id in [*created, newcomer]:
+            stub.CloseWorld(pb.CloseWorldRequest(world_id=world_id))
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(two_dynamics, world_checkpoint):
@@ -211,6 +286,15 @@ def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(t
         def dynamics_sample(name: str, **labels: str) -> float | None:
             return registry.get_sample_value(name, {"model": MODEL_NAME, "kind": "dynamics", **labels})
 
+        def stepped(service) -> float:
+            return triton_metric(service.metrics_url, "nv_inference_count", "dynamics_step")
+
+        stepped_before = {service.url: stepped(service) for service in (first, second)}  # by the module's other tests
+
+        def rows(service) -> float:
+            """Rows the replica stepped for this gateway."""
+            return stepped(service) - stepped_before[service.url]
+
         seen: dict[str, float] = {}
 
         def count_before_the_kill(round_: int) -> None:
@@ -218,9 +302,8 @@ def test_worlds_spread_over_two_dynamics_replicas_and_survive_one_being_killed(t
             if round_ == KILL_IN_ROUND:
                 seen.update({url: dynamics_sample("genie_replica_worlds", replica=url)
                              for url in (first.url, second.url)})
-                seen["rows"] = sum(triton_metric(service.metrics_url, "nv_inference_count", "dynamics_step")
-                                   for service in (first, second))
-                seen["second rows"] = triton_metric(second.metrics_url, "nv_inference_count", "dynamics_step")
+                seen["rows"] = rows(first) + rows(second)
+                seen["second rows"] = rows(second)
 
         def kill_second_replica(round_: int) -> None:
             if round_ == KILL_IN_ROUND:
