@@ -8,6 +8,7 @@ Shared by the world gateway and the job service; each reads its keys from its ow
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import grpc
 
 from services.settings import ServerSecurity
+
+log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"  # the one caller when auth is off
 # Scopes: read = Get/List/Watch calls; play = create, step and close worlds (gateway); train = submit and
@@ -115,13 +118,49 @@ def add_port(server, address: str, credentials: grpc.ServerCredentials | None) -
 
 
 def server_credentials(settings: ServerSecurity) -> grpc.ServerCredentials | None:
-    """TLS credentials when a certificate is configured (mTLS when a client CA is too); None: plaintext."""
+    """TLS credentials when a certificate is configured (mTLS when a client CA is too); None: plaintext. The files
+    are read again when they change (RotatingCertificate), so a rotated certificate needs no restart."""
     if settings.tls_cert_file is None and settings.tls_key_file is None:
         if settings.tls_client_ca_file is not None:
             raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file as well")
         return None
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise ValueError("TLS needs both tls_cert_file and tls_key_file")
-    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+    files = RotatingCertificate(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(files.configuration(), files.changed,
+                                               require_client_authentication=settings.tls_client_ca_file is not None)
+
+
+class RotatingCertificate:
+    """A server's TLS files (certificate chain, key, client CA), read again when any of them changes: cert-manager
+    renews certificates in place, and Kubernetes swaps a mounted secret's files at once. gRPC asks changed() at each
+    new connection's handshake; connections already open keep the certificate they started with."""
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None):
+        self.paths = [path for path in (cert_file, key_file, client_ca_file) if path is not None]
+        self._seen = self._fingerprint()
+
+    def _fingerprint(self) -> tuple:
+        """What tells a rewritten file apart (a swapped symlink too: stat follows it)."""
+        return tuple((stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in (path.stat() for path in self.paths))
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, *client_ca = (path.read_bytes() for path in self.paths)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca[0] if client_ca
+                                                         else None)
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration if a file changed since it was last read, else None (keep the current one). A file
+        missing or unreadable mid-rotation keeps the current one too; the next handshake looks again."""
+        try:
+            fingerprint = self._fingerprint()
+            if fingerprint == self._seen:
+                return None
+            configuration = self.configuration()
+        except OSError as error:
+            log.warning("TLS files %s could not be read (%s); serving the certificate read before",
+                        ", ".join(map(str, self.paths)), error)
+            return None
+        self._seen = fingerprint
+        log.info("TLS files changed: new connections get the certificate in %s", self.paths[0])
+        return configuration

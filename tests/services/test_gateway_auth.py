@@ -4,6 +4,9 @@ and reflection, keys never logged; and TLS with client certificates (mTLS) for t
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import grpc
 import pytest
@@ -128,3 +131,53 @@ def test_tls_gateway_serves_clients_with_a_certificate_and_refuses_others(world_
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         runtime.stop(grace_s=0)
+
+
+def test_a_rotated_certificate_reaches_new_connections_without_a_restart(world_checkpoint, tmp_path):
+    """The certificate files are replaced in place (as cert-manager renews them): new connections get the new one,
+    a connection opened before keeps working."""
+    old, new = certificates(mkdir(tmp_path / "old")), certificates(mkdir(tmp_path / "new"))  # two different CAs
+    served = mkdir(tmp_path / "served")
+
+    def install(certs: dict[str, Path]) -> None:
+        for name in ("server.pem", "server.key"):  # each file replaced at once, as a renamed-over file is
+            shutil.copy(certs[name], served / f".{name}.tmp")
+            os.replace(served / f".{name}.tmp", served / name)
+
+    install(old)
+    settings = gateway_settings({"models": {MODEL_NAME: str(world_checkpoint)}, "tls_cert_file": served / "server.pem",
+                                 "tls_key_file": served / "server.key"})
+    runtime = GatewayRuntime(settings).start()
+    address = f"localhost:{runtime.port}"
+
+    def list_models(channel: grpc.Channel) -> str | grpc.StatusCode:
+        try:
+            [model] = world_pb2_grpc.WorldServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+            return model.name
+        except grpc.RpcError as error:
+            return error.code()
+
+    def trusting(certs: dict[str, Path]) -> grpc.Channel:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(certs["ca.pem"].read_bytes()))
+
+    try:
+        with trusting(old) as before:
+            assert list_models(before) == MODEL_NAME
+            with trusting(new) as channel:
+                assert list_models(channel) == grpc.StatusCode.UNAVAILABLE
+            install(new)
+            with trusting(new) as channel:
+                assert list_models(channel) == MODEL_NAME
+            with trusting(old) as channel:
+                assert list_models(channel) == grpc.StatusCode.UNAVAILABLE
+            assert list_models(before) == MODEL_NAME  # its connection was made with the old certificate
+            (served / "server.pem").unlink()  # mid-rotation: a file missing keeps the certificate read before
+            with trusting(new) as channel:
+                assert list_models(channel) == MODEL_NAME
+    finally:
+        runtime.stop(grace_s=0)
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
