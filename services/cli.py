@@ -158,20 +158,14 @@ def passes(text: str) -> int:
 
 @contextlib.contextmanager
 def gateway_stub(args: argparse.Namespace) -> Iterator:
-    """A WorldService stub for `genie client COMMAND`; the gateway's refusal, or a file that cannot be read (prompt,
-    key, CA), ends the command with one line naming it (exit 1) instead of a traceback."""
-    import grpc
+    """A WorldService stub for `genie client COMMAND`; a refusal or an unreadable file ends the command in one line
+    (services/client.py cli_errors)."""
+    from services.client import api_key_from, cli_errors, connect
 
-    from services.client import api_key_from, connect
-
-    try:
+    with cli_errors(f"genie client {args.client_command}"):
         channel, stub = connect(args.address, api_key_from(args.api_key_file), args.ca_file)
         with channel:
             yield stub
-    except grpc.RpcError as error:  # the status says what to change
-        raise SystemExit(f"genie client {args.client_command}: {error.code().name}: {error.details()}") from None
-    except OSError as error:
-        raise SystemExit(f"genie client {args.client_command}: {error}") from None
 
 
 def _client_play(args: argparse.Namespace) -> None:

@@ -5,8 +5,10 @@ Used by `genie client play`; also a readable example of the API for backend team
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -65,6 +67,20 @@ def connect(address: str, api_key: str | None = None,
     """A channel to the gateway and its WorldService stub (see open_channel)."""
     channel = open_channel(address, api_key, ca_file)
     return channel, world_pb2_grpc.WorldServiceStub(channel)
+
+
+@contextlib.contextmanager
+def cli_errors(command: str) -> Iterator[None]:
+    """For a CLI command that calls a genie.v1 server: its refusal (status and message: what to change) or a file that
+    cannot be read (prompt, key, CA) ends the command with one line on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        print(f"{command}: error: {error.code().name}: {error.details()}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def frame_pixels(frame: pb.Frame) -> np.ndarray:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 DEFAULT_ADDRESS = "127.0.0.1:50061"
 
@@ -198,29 +196,19 @@ def _job_json(job) -> str:
 
 
 def _rpc(function, *args):
-    import grpc
+    from services.client import cli_errors
 
-    try:
+    with cli_errors("genie jobs"):
         return function(*args)
-    except grpc.RpcError as error:
-        _exit_with(error)
 
 
 def _watch_updates(stub, job_id: str):
     """WatchJob's updates; a status that ends the stream (e.g. UNAUTHENTICATED, NOT_FOUND) exits as _rpc does."""
-    import grpc
-
     from genie.v1 import jobs_pb2 as pb
+    from services.client import cli_errors
 
-    try:
+    with cli_errors("genie jobs"):
         yield from stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
-    except grpc.RpcError as error:
-        _exit_with(error)
-
-
-def _exit_with(error) -> NoReturn:
-    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-    raise SystemExit(2) from None
 
 
 def _submit(args: argparse.Namespace) -> None:

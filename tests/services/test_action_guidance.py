@@ -144,7 +144,8 @@ def test_client_models_lists_what_a_caller_needs_to_create_a_world(guided_gatewa
     assert model["default_num_maskgit_steps"] == 4 and model["versions"] == []
     with pytest.raises(SystemExit) as refused:
         genie_client("models", "--address", f"127.0.0.1:{guided_gateway.port}", "--ca-file", "no-such-ca.pem")
-    assert str(refused.value.code).startswith("genie client models: ") and "no-such-ca.pem" in str(refused.value.code)
+    error = capsys.readouterr().err
+    assert refused.value.code == 2 and error.startswith("genie client models: error: ") and "no-such-ca.pem" in error
 
 
 def test_client_play_sends_its_sampling_options_and_reports_what_the_world_played(guided_gateway, guided_stub,
@@ -165,22 +166,23 @@ def test_client_play_sends_its_sampling_options_and_reports_what_the_world_playe
 
 
 @pytest.mark.parametrize("options, message", [
-    (("--action-guidance", "101"), "genie client play: INVALID_ARGUMENT: action_guidance must be a number from 0"),
-    (("--model", "no-such-world"), "genie client play: NOT_FOUND: no model named 'no-such-world'"),
+    (("--action-guidance", "101"), "genie client play: error: INVALID_ARGUMENT: action_guidance must be a number"),
+    (("--model", "no-such-world"), "genie client play: error: NOT_FOUND: no model named 'no-such-world'"),
 ])
-def test_client_play_shows_the_gateways_refusal_in_one_line(guided_gateway, tmp_path, options, message):
+def test_client_play_shows_the_gateways_refusal_in_one_line(guided_gateway, tmp_path, capsys, options, message):
     image = tmp_path / "prompt.png"
     image.write_bytes(guided_request(None).prompt.encoded)
     with pytest.raises(SystemExit) as refused:
         client_play(guided_gateway.port, image, tmp_path / "out", *options)
-    assert str(refused.value.code).startswith(message) and "\n" not in str(refused.value.code)
+    assert refused.value.code == 2 and capsys.readouterr().err.strip().startswith(message)
     assert not (tmp_path / "out").exists()
 
 
 def test_client_play_refuses_bad_options_before_calling(guided_gateway, tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         client_play(guided_gateway.port, tmp_path / "no-such.png", tmp_path / "out")
-    assert "genie client play: " in str(missing.value.code) and "no-such.png" in str(missing.value.code)
+    error = capsys.readouterr().err
+    assert missing.value.code == 2 and error.startswith("genie client play: error: ") and "no-such.png" in error
     for options, message in ((("--actions", "1,x"), "'x' is not an action"),
                              (("--maskgit-steps", "-1"), "'-1' is not a number of passes")):
         with pytest.raises(SystemExit) as refused:
