@@ -231,18 +231,22 @@ def test_worlds_move_off_a_hung_replica_which_takes_worlds_again_once_its_proces
 
         replies = [stub.CreateWorld(create_request(seed=seed)) for seed in range(WORLDS)]
         created, frames = [reply.world.world_id for reply in replies], [[pixels_of(reply.frame)] for reply in replies]
-        missed = 0
+        missed, round_seconds = 0, []
         try:
             with ThreadPoolExecutor(WORLDS) as pool:
                 for round_ in range(ROUNDS):
                     if round_ == KILL_IN_ROUND:
                         assert dynamics_sample("genie_replica_worlds", replica=second.url) == WORLDS / 2
                         os.kill(second.process.pid, signal.SIGSTOP)
-                    steps = pool.map(lambda world: step_as_a_careful_client(
-                        stub, created[world], round_ + 1, action(world, round_)), range(WORLDS))
+                    started = time.monotonic()
+                    steps = list(pool.map(lambda world: step_as_a_careful_client(
+                        stub, created[world], round_ + 1, action(world, round_)), range(WORLDS)))
+                    round_seconds.append(time.monotonic() - started)
                     for world, (frame, deadlines) in enumerate(steps):
                         frames[world].append(frame)
                         missed += deadlines
+            print("seconds per round of 8 steps (SIGSTOP before round %d, deadline 6 s):" % KILL_IN_ROUND,
+                  " ".join(f"{seconds:.2f}" for seconds in round_seconds), f"; deadlines missed {missed}")
             time.sleep(2.0)  # four probe rounds while it still hangs
             assert second_client.ready() and not second_client.answers()  # what the prober must see through
             assert dynamics_sample("genie_replicas_live") == 1, "a hung replica was taken back"
