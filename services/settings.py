@@ -51,7 +51,8 @@ class GatewaySettings(ServerSecurity):
     idle_timeout_s: float = Field(600.0, gt=0, description="a world not stepped for this long is closed")
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="largest prompt image accepted, in bytes")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest prompt image accepted, width*height")
-    step_deadline_s: float = Field(30.0, gt=0, description="longest a step may take when the call sets no deadline")
+    step_deadline_s: float = Field(30.0, gt=0, description="longest a step may take when the call sets no deadline; "
+                                   "a call to one model-service replica gets half of it, so a hung one fails over")
     batch_window_ms: float = Field(2.0, ge=0, description="how long a step waits for others to share its batch")
     max_batch: int = Field(64, ge=1, description="most worlds stepped in one backend call")
     max_message_bytes: int = Field(32 * 2**20, ge=2**20, description="gRPC send/receive message size limit")

@@ -5,8 +5,8 @@ evicted a world answers "not cached", which surfaces as WorldsNotCached so the g
 A published version is loaded into a name's services (run with --catalog) through their `control` model and
 served under versioned Triton model names, so old and new versions play side by side in the same processes.
 Each service may run as several replicas (found by a discovery plugin); each world is pinned to one replica of
-each kind (services/backends/replicas.py), and a replica that cannot be reached, or hangs (no answer before the
-step deadline), hands its worlds to live ones.
+each kind (services/backends/replicas.py), and a replica that cannot be reached, or hangs (no answer within half
+the step deadline), hands its worlds to live ones.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def _failing_over(services: WorldServices, replicas: ReplicaSet, call: Callable[
     return call()
 
 
+# A call to one replica may take this share of the step deadline: a hung replica's call gives up in time for its
+# worlds to move, be rebuilt and step on a live replica before their callers' deadline (a per-try timeout).
+REPLICA_CALL_SHARE = 0.5
+
 # A batch goes out as few multi-row requests (one round trip and one PyTriton hand-off per request, not per
 # world); Triton's dynamic batcher still merges them with other gateways'. Needs --max-batch-size >= this.
 ROWS_PER_REQUEST = 16
@@ -150,7 +154,7 @@ class TritonBackend:
     def _client(self, name: str, kind: str, endpoint: str) -> Callable[[str], ServiceClient]:
         settings, tls = self._settings, tls_for_endpoint(self._tls, endpoint)
         return lambda address: ServiceClient(address, f"{name} {kind} service", settings.max_message_bytes,
-                                             settings.step_deadline_s, tls)
+                                             settings.step_deadline_s * REPLICA_CALL_SHARE, tls)
 
     def _get(self, model: str) -> WorldServices:
         services = self._worlds.get(model)

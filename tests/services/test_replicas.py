@@ -212,15 +212,16 @@ def step_as_a_careful_client(stub, world_id: str, number: int, action_: int) -> 
 def test_worlds_move_off_a_hung_replica_which_takes_worlds_again_once_its_process_answers(two_dynamics,
                                                                                          world_checkpoint):
     """The second replica's Python process is SIGSTOPped (a hang: its tritonserver still says ready and takes
-    requests nobody answers). Its worlds' next step misses the deadline once, they move to the live replica and
-    play on bit-identically to their twins; the hung replica stays out (health alone would take it back at once).
+    requests nobody answers). The call to it gives up at half the step deadline, its worlds move to the live
+    replica and the batch steps there, within every caller's deadline: no client sees an error, and every world
+    plays on bit-identically to its twin. The hung replica stays out (health alone would take it back at once).
     Resumed, it is taken back once its own process answers, and takes the next new world."""
     stack, second = two_dynamics
     first = stack.services["dynamics"]
     overrides = stack.overrides()
     overrides["triton_endpoints"][MODEL_NAME]["dynamics"] = f"{first.url},{second.url}"
-    # The deadline is the step deadline: long enough for any healthy round on a loaded 2-core machine.
-    overrides |= {"discovery_refresh_s": 0.5, "step_deadline_s": 6.0}
+    # A replica call gets half the step deadline (4 s): far longer than any healthy round on a loaded 2-core machine.
+    overrides |= {"discovery_refresh_s": 0.5, "step_deadline_s": 8.0}
     with serving({"backend": "inprocess", "models": {MODEL_NAME: str(world_checkpoint)}}) as (_, twin_stub):
         twins = play(twin_stub)
 
@@ -245,7 +246,7 @@ def test_worlds_move_off_a_hung_replica_which_takes_worlds_again_once_its_proces
                     for world, (frame, deadlines) in enumerate(steps):
                         frames[world].append(frame)
                         missed += deadlines
-            print("seconds per round of 8 steps (SIGSTOP before round %d, deadline 6 s):" % KILL_IN_ROUND,
+            print("seconds per round of 8 steps (SIGSTOP before round %d, replica calls 4 s):" % KILL_IN_ROUND,
                   " ".join(f"{seconds:.2f}" for seconds in round_seconds), f"; deadlines missed {missed}")
             time.sleep(2.0)  # four probe rounds while it still hangs
             assert second_client.ready() and not second_client.answers()  # what the prober must see through
@@ -254,7 +255,7 @@ def test_worlds_move_off_a_hung_replica_which_takes_worlds_again_once_its_proces
             os.kill(second.process.pid, signal.SIGCONT)
         for world, (got, want) in enumerate(zip(frames, twins)):
             assert_same_frames(got, want, world)
-        assert WORLDS / 2 <= missed <= WORLDS  # the hung replica's worlds once (the others if in their batch)
+        assert missed == 0, f"{missed} steps missed their deadline"
         assert dynamics_sample("genie_world_repins_total") == WORLDS / 2
         assert dynamics_sample("genie_replica_worlds", replica=first.url) == WORLDS
 
