@@ -23,8 +23,8 @@ class ReplicaMetrics:
         labels = ["model", "kind"]
         self.known = Gauge("genie_replicas_known", "Replicas discovery lists, per model and service kind", labels,
                            registry=registry)
-        self.live = Gauge("genie_replicas_live", "Known replicas not marked down (a call could not reach them; "
-                          "probed until they answer)", labels, registry=registry)
+        self.live = Gauge("genie_replicas_live", "Known replicas not marked down (a call could not reach them or "
+                          "got no answer in time; probed until their process answers)", labels, registry=registry)
         self.worlds = Gauge("genie_replica_worlds", "Worlds pinned to each replica (their caches live there)",
                             [*labels, "replica"], registry=registry)
         self.repins = Counter("genie_world_repins", "Worlds moved off a replica that went down or away, each "
