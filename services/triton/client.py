@@ -19,8 +19,9 @@ from services.backends.base import BackendError, ModelUnavailable
 from services.triton import protocol
 
 # gRPC statuses meaning "the service is down, restarting, overloaded or not loaded": try again later.
-UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND",
-                        "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED", None}
+# (DEADLINE_EXCEEDED is ReplicaTimedOut, told apart first in ServiceClient._error.)
+UNAVAILABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED",
+                        "StatusCode.RESOURCE_EXHAUSTED", None}
 # How Triton answers a request for a model it does not have: a --catalog service without the version, or any
 # service while it stops gracefully (it unloads every model first, ~2 s measured, then closes its port).
 UNKNOWN_MODEL = "unknown model"
